@@ -1,0 +1,190 @@
+import argparse
+from functools import partial
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from umae_plugin import checkpoint as ckpt
+from umae_plugin.models_mae import MaskedAutoencoderViT
+from umae_plugin.models_vit import VisionTransformerClassifier
+from umae_plugin.pos_embed import sincos_2d
+
+ENC = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)
+DEC = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+
+
+def mae(**kw):
+    return MaskedAutoencoderViT(**{**ENC, **DEC, "norm_layer": partial(nn.LayerNorm, eps=1e-6), **kw})
+
+
+def vit(global_pool=True, **kw):
+    return VisionTransformerClassifier(global_pool=global_pool, qkv_bias=True, **{**ENC, "num_classes": 10, **kw})
+
+
+def encoder_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    keys = [k for k in sa if ckpt._group(k) == "encoder"]
+    return all(torch.equal(sa[k], sb[k]) for k in keys) and len(keys) > 0
+
+
+def test_own_and_official_full_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    src = mae()
+    path = tmp_path / "checkpoint-3.pth"
+    torch.save({"model": src.state_dict(), "args": argparse.Namespace(model="x"), "epoch": 3}, path)
+    dst = mae()
+    report = ckpt.load_pretrained(dst, path)
+    assert report.fresh == [] and report.ignored == []
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
+
+
+def test_encoder_only_file_leaves_decoder_fresh():
+    torch.manual_seed(0)
+    src = mae()
+    enc = {k: v for k, v in src.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    dst = mae()
+    before = dst.decoder_pred.weight.clone()
+    report = ckpt.load_pretrained(dst, {"model": enc})
+    assert encoder_equal(src, dst) and torch.equal(dst.norm.weight, src.norm.weight)
+    assert "mask_token" in report.fresh and "decoder_pred.weight" in report.fresh
+    assert torch.equal(dst.decoder_pred.weight, before)
+
+
+def test_pretrain_into_cls_classifier_gives_same_features():
+    torch.manual_seed(0)
+    src = mae().eval()
+    with torch.no_grad():
+        src.norm.weight.uniform_(0.5, 1.5)
+    dst = vit(global_pool=False).eval()
+    report = ckpt.load_pretrained(dst, src.state_dict())
+    assert set(report.fresh) == {"head.weight", "head.bias"}
+    assert "mask_token" in report.ignored
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dst.forward_features(x), src.forward_features(x, pool="cls"), rtol=1e-5, atol=1e-5)
+
+
+def test_umae_reference_probe_keys_are_ignored():
+    torch.manual_seed(0)
+    sd = dict(mae().state_dict())
+    sd.update({"fc.weight": torch.randn(10, 64), "fc.bias": torch.randn(10),
+               "fc_norm.weight": torch.full((64,), 3.0), "fc_norm.bias": torch.ones(64)})
+    assert {"fc.weight", "fc_norm.weight"} <= set(ckpt.load_pretrained(mae(), sd).ignored)
+    dst = vit(global_pool=True)
+    report = ckpt.load_pretrained(dst, {"model": sd})
+    assert "fc_norm.weight" in report.fresh and torch.all(dst.fc_norm.weight == 1)
+
+
+def test_finetuned_classifier_loads_fc_norm_and_matching_head():
+    torch.manual_seed(0)
+    src = vit(global_pool=True)
+    with torch.no_grad():
+        src.fc_norm.weight.fill_(2.0)
+    same = vit(global_pool=True)
+    assert ckpt.load_pretrained(same, {"model": src.state_dict()}).fresh == []
+    assert torch.equal(same.head.weight, src.head.weight)
+    other = vit(global_pool=True, num_classes=5)
+    report = ckpt.load_pretrained(other, src.state_dict())
+    assert set(report.fresh) == {"head.weight", "head.bias"} and torch.all(other.fc_norm.weight == 2)
+    # into a pre-training model: the classifier has no `norm`, so it starts fresh
+    report = ckpt.load_pretrained(mae(), src.state_dict())
+    assert "norm.weight" in report.fresh and "head.weight" in report.ignored
+
+
+def test_linear_probe_checkpoint_loads():
+    torch.manual_seed(0)
+    src = vit(global_pool=True)
+    src.head = nn.Sequential(nn.BatchNorm1d(64, affine=False, eps=1e-6), src.head)
+    sd = src.state_dict()
+    assert "head.0.running_mean" in sd and "head.1.weight" in sd
+    dst = vit(global_pool=True)
+    report = ckpt.load_pretrained(dst, {"model": sd})
+    assert encoder_equal(src, dst) and set(report.fresh) == {"head.weight", "head.bias"}
+    probe = vit(global_pool=True)
+    probe.head = nn.Sequential(nn.BatchNorm1d(64, affine=False, eps=1e-6), probe.head)
+    assert ckpt.load_pretrained(probe, sd).fresh == []
+
+
+def test_timm_weights_and_ddp_prefix():
+    torch.manual_seed(0)
+    t = timm.create_model("vit_tiny_patch16_224", num_classes=0, global_pool="token")
+    dst = MaskedAutoencoderViT(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, **DEC)
+    report = ckpt.load_pretrained(dst, {"module." + k: v for k, v in t.state_dict().items()})
+    assert torch.equal(dst.blocks[11].mlp.fc2.weight, t.blocks[11].mlp.fc2.weight)
+    assert torch.equal(dst.norm.weight, t.norm.weight)
+    assert "decoder_embed.weight" in report.fresh
+
+
+def test_classifier_pos_embed_resampled_224_to_256():
+    kw = dict(patch_size=16, embed_dim=32, depth=1, num_heads=2)
+    src = vit(img_size=224, **kw)
+    with torch.no_grad():
+        src.pos_embed[:, 0].fill_(7.0)
+        src.pos_embed[:, 1:].fill_(0.25)
+    dst = vit(img_size=256, **kw)
+    report = ckpt.load_pretrained(dst, src.state_dict())
+    assert report.resampled == ["pos_embed"] and dst.pos_embed.shape == (1, 257, 32)
+    assert torch.all(dst.pos_embed[:, 0] == 7.0)  # the class token's row is carried over
+    torch.testing.assert_close(dst.pos_embed[:, 1:], torch.full((1, 256, 32), 0.25))
+
+
+def test_pretrain_pos_embed_regenerated_not_interpolated():
+    kw = dict(patch_size=16, embed_dim=32, depth=1, num_heads=2, **DEC)
+    src = MaskedAutoencoderViT(img_size=224, **kw)
+    dst = MaskedAutoencoderViT(img_size=256, **kw)
+    ckpt.load_pretrained(dst, src.state_dict())
+    assert torch.equal(dst.pos_embed[0], sincos_2d(32, 16, cls_token=True))
+    assert torch.equal(dst.decoder_pos_embed[0], sincos_2d(32, 16, cls_token=True))
+
+
+def test_architecture_mismatch_names_keys():
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"unexpected key\s+blocks\.1\."):
+        ckpt.load_pretrained(mae(depth=1), mae().state_dict())
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"missing key\s+blocks\.2\."):
+        ckpt.load_pretrained(mae(depth=3), mae().state_dict())
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"cls_token: checkpoint \(1, 1, 64\) vs model \(1, 1, 128\)"):
+        ckpt.load_pretrained(mae(embed_dim=128), mae().state_dict())
+    with pytest.raises(ValueError, match="no state dict"):
+        ckpt.load_pretrained(mae(), {"epoch": 3})
+
+
+@pytest.mark.parametrize("global_pool", [True, False])
+def test_export_loads_into_timm_strict(global_pool):
+    torch.manual_seed(0)
+    src = mae(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3).eval()
+    sd = ckpt.export_timm_state_dict({"model": src.state_dict()}, global_pool=global_pool)
+    t = timm.create_model("vit_tiny_patch16_224", global_pool="avg" if global_pool else "token").eval()
+    t.load_state_dict(sd, strict=True)
+    if not global_pool:
+        x = torch.randn(1, 3, 224, 224)
+        with torch.no_grad():
+            feats = t.forward_head(t.forward_features(x), pre_logits=True)
+            torch.testing.assert_close(feats, src.forward_features(x, pool="cls"), rtol=1e-4, atol=1e-4)
+
+
+def test_atomic_save_survives_a_kill_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint-last.pth"
+    ckpt.save_atomic({"epoch": 1, "model": {"w": torch.ones(3)}}, path)
+
+    def killed(obj, f):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_atomic({"epoch": 2}, path)
+    assert ckpt.torch_load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]
+
+
+def test_find_latest_checkpoint(tmp_path):
+    assert ckpt.find_latest_checkpoint(tmp_path) is None
+    for epoch in (0, 20):
+        ckpt.save_atomic({"epoch": epoch}, tmp_path / f"checkpoint-{epoch}.pth")
+    ckpt.save_atomic({"epoch": 23}, tmp_path / "checkpoint-last.pth")
+    (tmp_path / "checkpoint-40.pth").write_bytes(b"truncated")
+    assert ckpt.find_latest_checkpoint(tmp_path).name == "checkpoint-last.pth"
+    ckpt.save_atomic({"epoch": 24}, tmp_path / "checkpoint-24.pth")
+    assert ckpt.find_latest_checkpoint(tmp_path).name == "checkpoint-24.pth"

@@ -1,0 +1,60 @@
+"""ViT classifier for linear probing and fine-tuning, on timm's `VisionTransformer`.
+
+Pooling as in the reference `models_vit.py`: with `global_pool` the patch tokens (class token
+excluded) are averaged and passed through `fc_norm` (the final `norm` is dropped); otherwise the
+class token after `norm`. The state-dict keys equal the reference classifier's, which are also
+timm's, so `timm.create_model("vit_base_patch16_224", global_pool="avg")` loads ours directly.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from .models_mae import ARCHS
+
+
+class VisionTransformerClassifier(VisionTransformer):
+    """timm's ViT with the reference's `global_pool: bool` switch and a `forward_features` that
+    returns the pooled [N, D] features (the reference's), not the token map (timm's)."""
+
+    def __init__(self, global_pool: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
+        super().__init__(global_pool="avg" if global_pool else "token", fc_norm=global_pool, **kwargs)
+        self.global_pool_enabled = global_pool
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(super().forward_features(x), pre_logits=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_drop(self.forward_features(x)))
+
+
+def build_vit(arch: str, **kwargs: Any) -> VisionTransformerClassifier:
+    """The classifier for encoder `arch` (a key of `models_mae.ARCHS`); keywords override."""
+    cfg = dict(ARCHS[arch], mlp_ratio=4, qkv_bias=True)
+    cfg.update(kwargs)
+    return VisionTransformerClassifier(**cfg)
+
+
+def vit_tiny_patch16(**kwargs: Any) -> VisionTransformerClassifier:
+    return build_vit("tiny_patch16", **kwargs)
+
+
+def vit_small_patch16(**kwargs: Any) -> VisionTransformerClassifier:
+    return build_vit("small_patch16", **kwargs)
+
+
+def vit_base_patch16(**kwargs: Any) -> VisionTransformerClassifier:
+    return build_vit("base_patch16", **kwargs)
+
+
+def vit_large_patch16(**kwargs: Any) -> VisionTransformerClassifier:
+    return build_vit("large_patch16", **kwargs)
+
+
+def vit_huge_patch14(**kwargs: Any) -> VisionTransformerClassifier:
+    return build_vit("huge_patch14", **kwargs)
