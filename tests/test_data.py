@@ -1,0 +1,232 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+
+from umae_plugin import data
+from umae_plugin.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataError,
+    build_dataset,
+    build_loader,
+    eval_transform,
+    finetune_transform,
+    linprobe_transform,
+    make_synthetic_imagefolder,
+    num_bad_images,
+    num_classes,
+    pretrain_transform,
+    set_epoch,
+)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_synthetic_imagefolder(tmp_path / "ds", num_classes=3, per_class=4, size=24)
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms
+
+
+def test_imagenet_constants():
+    assert IMAGENET_MEAN == pytest.approx((0.485, 0.456, 0.406))
+    assert IMAGENET_STD == pytest.approx((0.229, 0.224, 0.225))
+
+
+@pytest.mark.parametrize("make", [
+    pretrain_transform,
+    eval_transform,
+    lambda s: linprobe_transform(s, train=True),
+    lambda s: linprobe_transform(s, train=False),
+    lambda s: finetune_transform(s, train=False),
+    lambda s: finetune_transform(s, train=True, color_jitter=None, aa="rand-m9-mstd0.5-inc1",
+                                 reprob=0.25, remode="pixel", recount=1),
+])
+def test_transforms_give_square_tensors(make):
+    img = Image.new("RGB", (40, 30), (10, 200, 30))
+    out = make(16)(img)
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 16, 16)
+
+
+def test_eval_transform_resize_and_normalize():
+    t = eval_transform(224)
+    resize, crop = t.transforms[0], t.transforms[1]
+    assert resize.size == 256 and crop.size == (224, 224)
+    assert finetune_transform(384, train=False).transforms[0].size == 384
+    # a constant image normalises to (c - mean) / std per channel
+    out = t(Image.new("RGB", (300, 260), (255, 0, 51)))
+    expected = (torch.tensor([1.0, 0.0, 0.2]) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(out.mean(dim=(1, 2)), expected, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# image folder
+
+
+def test_imagefolder_round_trip(folder):
+    train = build_dataset("imagefolder", str(folder), "train", eval_transform(16))
+    assert len(train) == 12 and train.classes == ["class_0", "class_1", "class_2"]
+    assert train.targets == [0] * 4 + [1] * 4 + [2] * 4
+    assert num_classes(train) == 3
+    img, target = train[5]
+    assert img.shape == (3, 16, 16) and target == 1
+    raw = build_dataset("imagefolder", folder, "val", None)
+    assert raw[0][0].size == (24, 24) and raw[0][0].mode == "RGB"
+
+
+def test_synthetic_folder_is_deterministic(tmp_path):
+    a = make_synthetic_imagefolder(tmp_path / "a", per_class=2, splits=("train",))
+    b = make_synthetic_imagefolder(tmp_path / "b", per_class=2, splits=("train",))
+    for rel in ["train/class_0/0.png", "train/class_2/1.png"]:
+        assert np.array_equal(np.asarray(Image.open(a / rel)), np.asarray(Image.open(b / rel)))
+    assert not (tmp_path / "a" / "val").exists()
+
+
+def test_corrupt_image_is_skipped_counted_and_warned_once(folder, caplog):
+    bad = folder / "train" / "class_1" / "0.png"  # index 4
+    bad.write_bytes(b"definitely not a png" * 10)
+    ds = build_dataset("imagefolder", folder, "train", eval_transform(16))
+    before = num_bad_images()
+    with caplog.at_level(logging.WARNING, logger=data.__name__):
+        img, target = ds[4]
+        again, _ = ds[4]
+    # replaced by the next sample (index 5), the same every time
+    expected, expected_target = ds[5]
+    assert target == expected_target == 1
+    torch.testing.assert_close(img, expected)
+    torch.testing.assert_close(again, expected)
+    assert ds.num_bad == 1 and num_bad_images() == before + 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert str(bad) in warnings[0].getMessage() and f"{before + 1} bad image" in warnings[0].getMessage()
+
+    loader = build_loader(ds, 5, train=False, num_workers=0, pin_memory=False, drop_last=False)
+    shapes = [tuple(x.shape) for x, _ in loader]
+    assert shapes == [(5, 3, 16, 16), (5, 3, 16, 16), (2, 3, 16, 16)]
+
+
+def test_corrupt_last_image_wraps_around(folder):
+    (folder / "val" / "class_2" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    ds = build_dataset("imagefolder", folder, "val", eval_transform(8))
+    img, target = ds[len(ds) - 1]
+    assert target == 0 and img.shape == (3, 8, 8)
+
+
+def test_all_images_corrupt_raises(tmp_path):
+    root = make_synthetic_imagefolder(tmp_path, num_classes=1, per_class=2, splits=("train",))
+    for f in (root / "train" / "class_0").iterdir():
+        f.write_bytes(b"junk")
+    ds = build_dataset("imagefolder", root, "train", None)
+    with pytest.raises(DataError, match="no readable image"):
+        ds[0]
+
+
+def test_missing_and_empty_folders_raise(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path / "nope" / "train")):
+        build_dataset("imagefolder", tmp_path / "nope", "train", None)
+    (tmp_path / "empty" / "val").mkdir(parents=True)
+    with pytest.raises(DataError, match=str(tmp_path / "empty" / "val")):
+        build_dataset("imagefolder", tmp_path / "empty", "val", None)
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "empty" / "train" / "cat" / "notes.txt").write_text("no images")
+    with pytest.raises(DataError, match=str(tmp_path / "empty" / "train")):
+        build_dataset("imagefolder", tmp_path / "empty", "train", None)
+    with pytest.raises(DataError, match="data_path"):
+        build_dataset("imagefolder", None, "train", None)
+
+
+def test_bad_name_and_split():
+    with pytest.raises(DataError, match="unknown dataset"):
+        build_dataset("imagenet22k", "/x", "train", None)
+    with pytest.raises(DataError, match="split"):
+        build_dataset("digits", None, "test", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# cifar10 and digits
+
+
+def test_cifar10_missing_without_download(tmp_path):
+    with pytest.raises(DataError, match="--download") as info:
+        build_dataset("cifar10", tmp_path, "train", None)
+    assert str(tmp_path / "cifar-10-batches-py") in str(info.value)
+
+
+def test_digits():
+    from sklearn.datasets import load_digits
+
+    train = build_dataset("digits", None, "train", None)
+    val = build_dataset("digits", None, "val", None)
+    assert (len(train), len(val)) == (1437, 360)
+    assert num_classes(train) == 10 and train.classes == [str(i) for i in range(10)]
+    assert set(val.targets) == set(range(10))
+    assert set(train.indices).isdisjoint(val.indices)
+    assert len(set(train.indices) | set(val.indices)) == 1797
+    again = build_dataset("digits", None, "val", None)
+    assert np.array_equal(again.indices, val.indices)
+
+    ref = load_digits()
+    img, target = train[7]
+    assert img.mode == "RGB" and img.size == (32, 32)
+    assert target == ref.target[train.indices[7]]
+    pixels = np.asarray(img)
+    assert np.array_equal(pixels[..., 0], pixels[..., 2])
+    # nearest upscaling: every 4x4 block is one source pixel, 0..16 mapped onto 0..255
+    src = ref.images[train.indices[7]]
+    assert np.array_equal(pixels[::4, ::4, 1], np.rint(src * 255 / 16).astype(np.uint8))
+    assert np.array_equal(pixels[3::4, 3::4, 1], pixels[::4, ::4, 1])
+
+    x, _ = build_dataset("digits", None, "val", eval_transform(32))[0]
+    assert x.shape == (3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders
+
+
+def test_loader_samplers_and_drop_last(folder):
+    ds = build_dataset("imagefolder", folder, "train", eval_transform(8))
+    train = build_loader(ds, 5, train=True, num_workers=0, pin_memory=False, seed=3)
+    val = build_loader(ds, 5, train=False, num_workers=0, pin_memory=False)
+    assert isinstance(train.sampler, RandomSampler) and train.drop_last
+    assert isinstance(val.sampler, SequentialSampler) and not val.drop_last
+    assert len(train) == 2 and len(val) == 3
+
+    def order(loader, epoch):
+        set_epoch(loader, epoch)
+        return list(loader.sampler)
+
+    assert order(train, 0) == order(train, 0) != order(train, 1)
+    assert sorted(order(train, 1)) == list(range(12))
+    other = build_loader(ds, 5, train=True, num_workers=0, pin_memory=False, seed=4)
+    assert order(other, 0) != order(train, 0)
+    set_epoch(val, 5)  # no-op for samplers without set_epoch
+    assert list(val.sampler) == list(range(12))
+
+
+def test_loader_distributed_sampler(folder, monkeypatch):
+    ds = build_dataset("imagefolder", folder, "train", None)
+    monkeypatch.setattr(data, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    loader = build_loader(ds, 2, train=True, num_workers=0, pin_memory=False, seed=7)
+    sampler = loader.sampler
+    assert isinstance(sampler, DistributedSampler)
+    assert sampler.shuffle and sampler.seed == 7 and sampler.num_replicas == 2 and sampler.rank == 1
+    set_epoch(loader, 4)
+    assert sampler.epoch == 4
+    assert not build_loader(ds, 2, train=False, num_workers=0, pin_memory=False).sampler.shuffle
+
+
+def test_loader_with_workers(folder):
+    ds = build_dataset("imagefolder", folder, "train", eval_transform(8))
+    loader = build_loader(ds, 4, train=True, num_workers=1, pin_memory=False)
+    assert loader.persistent_workers
+    batches = [tuple(x.shape) for x, _ in loader]
+    assert batches == [(4, 3, 8, 8)] * 3
