@@ -1,0 +1,126 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_pretrain
+from umae_plugin import checkpoint as ckpt
+from umae_plugin.data import make_synthetic_imagefolder
+from umae_plugin.models_mae import MaskedAutoencoderViT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(*argv):
+    return main_pretrain.get_args_parser().parse_args(list(argv))
+
+
+def micro_args(out, *extra, model="umae_vit_micro", dataset="digits", data_path=None):
+    argv = ["--model", model, "--dataset", dataset, "--input_size", "32", "--epochs", "1",
+            "--warmup_epochs", "1", "--batch_size", "128", "--device", "cpu", "--num_workers", "0",
+            "--output_dir", str(out), "--log_dir", str(out), "--print_freq", "5", "--erank_samples", "20"]
+    if data_path:
+        argv += ["--data_path", str(data_path)]
+    return parse(*argv, *extra)
+
+
+def log_lines(out):
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def test_digits_epoch_end_to_end(tmp_path):
+    stats = main_pretrain.main(micro_args(tmp_path, "--online_probe"))
+    line = log_lines(tmp_path)[0]
+    for key in ("train_loss", "train_loss_mae", "train_loss_unif", "train_lr", "effective_rank",
+                "online_probe_acc1", "epoch"):
+        assert key in line, key
+    assert line["train_loss"] == pytest.approx(line["train_loss_mae"] + 0.01 * line["train_loss_unif"], rel=1e-4)
+    assert 1.0 <= stats["effective_rank"] <= 20
+    saved = json.loads((tmp_path / "args.json").read_text())
+    assert saved["lambda_unif"] == 0.01 and saved["model"] == "umae_vit_micro"
+    state = ckpt.torch_load(tmp_path / "checkpoint-last.pth")
+    assert state["epoch"] == 0 and set(state) >= {"model", "optimizer", "epoch", "scaler", "args", "online_probe"}
+    assert "fc.weight" not in state["model"]  # the probe lives outside `model`
+    assert (tmp_path / "checkpoint-0.pth").exists()
+
+
+def test_imagefolder_epoch_with_a_corrupt_image(tmp_path, caplog):
+    root = make_synthetic_imagefolder(tmp_path / "data", num_classes=2, per_class=10)
+    bad = next((root / "train").rglob("*.png"))
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    main_pretrain.main(micro_args(out, "--batch_size", "4", model="mae_vit_micro", dataset="imagefolder", data_path=root))
+    assert "train_loss_unif" not in log_lines(out)[0]  # mae_* defaults to lambda 0: upstream MAE
+    assert str(bad) in caplog.text
+
+
+def test_resume_is_exact(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    main_pretrain.main(micro_args(full, "--epochs", "2"))
+    main_pretrain.main(micro_args(part, "--epochs", "2"))  # same run, then kill the second epoch's trace
+    state0 = ckpt.torch_load(part / "checkpoint-0.pth")
+    for f in ("checkpoint-1.pth", "checkpoint-last.pth"):
+        (part / f).unlink()
+    lines = (part / "log.txt").read_text().splitlines()
+    (part / "log.txt").write_text(lines[0] + "\n")
+    main_pretrain.main(micro_args(part, "--epochs", "2", "--resume", "auto"))
+
+    a, b = ckpt.torch_load(full / "checkpoint-1.pth"), ckpt.torch_load(part / "checkpoint-1.pth")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert [line["epoch"] for line in log_lines(part)] == [0, 1]
+    # the resumed optimizer started from exactly the saved state
+    opt_a = state0["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg"], ckpt.torch_load(full / "checkpoint-0.pth")["optimizer"]["state"][i]["exp_avg"])
+               for i in opt_a)
+
+
+def test_lost_log_line_is_restored_on_resume(tmp_path):
+    main_pretrain.main(micro_args(tmp_path))
+    (tmp_path / "log.txt").write_text("")  # killed between the checkpoint and the log line
+    main_pretrain.main(micro_args(tmp_path, "--epochs", "2", "--resume", "auto"))
+    assert [line["epoch"] for line in log_lines(tmp_path)] == [0, 1]
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    main_pretrain.main(micro_args(tmp_path))
+    before = (tmp_path / "checkpoint-last.pth").read_bytes()
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", lambda self, imgs, pred, mask: (pred * float("nan")).mean())
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        main_pretrain.main(micro_args(tmp_path, "--epochs", "2", "--resume", "auto"))
+    assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
+    assert not (tmp_path / "checkpoint-1.pth").exists()
+
+
+def test_init_from_and_lambda_resolution(tmp_path):
+    main_pretrain.main(micro_args(tmp_path / "a", model="mae_vit_micro"))
+    args = micro_args(tmp_path / "b", "--init_from", str(tmp_path / "a" / "checkpoint-0.pth"), "--lamb", "0.5")
+    main_pretrain.main(args)
+    assert args.lambda_unif == 0.5
+    assert json.loads((tmp_path / "b" / "args.json").read_text())["init_from"].endswith("checkpoint-0.pth")
+    none = micro_args(tmp_path / "c", "--reg", "none")
+    main_pretrain.check_args(main_pretrain.get_args_parser(), none)
+    assert none.lambda_unif == 0.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mask_ratio", "1.5"], "--mask_ratio must be in [0, 1)"),
+    (["--lambda_unif", "-1"], "--lambda_unif must be >= 0"),
+    (["--data_path", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
+])
+def test_bad_flags_exit_with_message(flags, message):
+    proc = subprocess.run([sys.executable, "main_pretrain.py", "--device", "cpu", "--model", "mae_vit_tiny_patch16",
+                           "--input_size", "32", "--patch_size", "4", *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_local_rank_alias():
+    from umae_plugin.runtime import accept_local_rank_alias
+
+    args = parse(*accept_local_rank_alias(["--local-rank=3"]))
+    assert args.local_rank == 3

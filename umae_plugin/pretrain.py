@@ -1,0 +1,215 @@
+"""Pre-training run: what `main_pretrain.py` calls once its arguments are parsed and checked.
+
+Reads the argument namespace here, once, and hands explicit values to the data, model, optimiser,
+engine and checkpoint modules. The run always resumes from its own output folder when asked
+(`--resume auto`), which is what makes SLURM requeues safe.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint as ckpt
+from . import data
+from .engine_pretrain import OnlineProbe, evaluate_probe, fixed_images, measure_effective_rank, train_one_epoch, unwrap
+from .logger import RunLog
+from .optim import param_groups_weight_decay, resolve_lr
+from .registry import create_model
+from .runtime import Runtime, save_args, setup_runtime
+
+log = logging.getLogger("umae")
+
+MAE_NAME = re.compile(r"u?mae_(vit_\w+)")
+
+
+def default_lambda(model_name: str) -> float:
+    """The uniformity weight when `--lambda_unif` is not given: the paper's 0.01 for `umae_*`
+    models, 0 (exactly upstream MAE) for everything else."""
+    return 0.01 if model_name.startswith("umae_") else 0.0
+
+
+def build_pretrain_model(
+    name: str,
+    *,
+    lambda_unif: float,
+    unif_pool: str = "mean",
+    **overrides: Any,
+) -> torch.nn.Module:
+    """`mae_vit_*` and `umae_vit_*` name the same architectures: a positive `lambda_unif` builds
+    the U-MAE class, zero builds the plain (upstream) MAE class. Other names are built as given."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    m = MAE_NAME.fullmatch(name)
+    if m is None:
+        return create_model(name, **overrides)
+    if lambda_unif > 0:
+        return create_model(f"umae_{m.group(1)}", lambda_unif=lambda_unif, unif_pool=unif_pool, **overrides)
+    return create_model(f"mae_{m.group(1)}", **overrides)
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        img_size=args.input_size,
+        patch_size=args.patch_size,
+        norm_pix_loss=args.norm_pix_loss,
+        decoder_embed_dim=args.decoder_embed_dim,
+        decoder_depth=args.decoder_depth,
+        decoder_num_heads=args.decoder_num_heads,
+    )
+
+
+def get_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """Random state at the end of an epoch, so that a resumed run draws the masks and
+    augmentations the uninterrupted run would have drawn (rank 0's state)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor] | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _resume_path(resume: str, output_dir: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        found = ckpt.find_latest_checkpoint(output_dir) if output_dir and Path(output_dir).exists() else None
+        log.info("resume auto: %s", found or f"no checkpoint in {output_dir}, starting fresh")
+        return found
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
+    return Path(resume)
+
+
+def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    """Pre-train, checkpoint and log as the upstream script does; returns the last epoch's stats."""
+    rt: Runtime = setup_runtime(args.device, args.seed, args.amp)
+    device = rt.device
+
+    # Data first: a wrong path fails before anything expensive is built.
+    train_set = data.build_dataset(args.dataset, args.data_path, "train", data.pretrain_transform(args.input_size), args.download)
+    need_val = args.online_probe or args.erank_freq > 0
+    val_set = None
+    if need_val:
+        try:
+            val_set = data.build_dataset(args.dataset, args.data_path, "val", data.eval_transform(args.input_size), args.download)
+        except data.DataError as err:
+            if args.online_probe:
+                raise
+            log.warning("no val split (%s): effective rank is measured on training images", err)
+            val_set = data.build_dataset(args.dataset, args.data_path, "train", data.eval_transform(args.input_size))
+    pin_memory = args.pin_mem and device.type == "cuda"
+    loader = data.build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
+                               pin_memory=pin_memory, seed=args.seed)
+
+    model = build_pretrain_model(args.model, lambda_unif=args.lambda_unif, unif_pool=args.unif_pool, **model_overrides(args))
+    if args.init_from:
+        report = ckpt.load_pretrained(model, args.init_from)
+        log.info("initialised from %s: %s", args.init_from, report)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("model %s (%s, lambda_unif %g): %.2fM trainable parameters", args.model, type(model).__name__,
+             args.lambda_unif, n_params / 1e6)
+
+    eff_batch = args.batch_size * args.accum_iter * rt.world_size
+    args.lr = resolve_lr(args.lr, args.blr, args.batch_size, args.accum_iter, rt.world_size)
+    log.info("effective batch %d, lr %.3e (blr %.3e)", eff_batch, args.lr, args.blr)
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.type) if rt.amp_dtype == torch.float16 else None
+
+    probe = probe_optimizer = None
+    if args.online_probe:
+        probe = OnlineProbe(model.embed_dim, data.num_classes(train_set)).to(device)
+        probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.0)
+
+    start_epoch = args.start_epoch
+    resume = _resume_path(args.resume, args.output_dir)
+    if resume is not None:
+        state = ckpt.torch_load(resume)
+        model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if probe is not None and state.get("online_probe"):
+            probe.load_state_dict(state["online_probe"]["model"])
+            probe_optimizer.load_state_dict(state["online_probe"]["optimizer"])
+        if rt.world_size == 1:
+            set_rng_state(state.get("rng"))
+        else:  # only rank 0's state is saved; give every rank its own stream again
+            torch.manual_seed(args.seed + rt.rank + 100_003 * (int(state["epoch"]) + 1))
+        start_epoch = int(state["epoch"]) + 1
+        log.info("resumed from %s (epoch %d)", resume, state["epoch"])
+
+    run_log = RunLog(args.output_dir, args.log_dir, enabled=rt.is_main)
+    if rt.is_main and args.output_dir:
+        save_args(args, args.output_dir)
+        if resume is not None and state.get("log_stats"):
+            run_log.write_epoch(state["log_stats"])  # the line a kill after the checkpoint may have lost
+
+    train_model = model
+    if rt.world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if probe is not None:
+            probe = DistributedDataParallel(probe, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    erank_images = fixed_images(val_set, args.erank_samples).to(device) if args.erank_freq > 0 and rt.is_main else None
+    probe_loader = (data.build_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers,
+                                      pin_memory=pin_memory) if probe is not None else None)
+    schedule = dict(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs)
+
+    stats: dict[str, Any] = {}
+    start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        data.set_epoch(loader, epoch)
+        train_stats = train_one_epoch(
+            train_model, loader, optimizer, device=device, epoch=epoch, mask_ratio=args.mask_ratio,
+            schedule=schedule, accum_iter=args.accum_iter, autocast=rt.autocast, scaler=scaler,
+            probe=probe, probe_optimizer=probe_optimizer, print_freq=args.print_freq, run_log=run_log,
+        )
+        stats = {f"train_{k}": v for k, v in train_stats.items()}
+        last = epoch + 1 == args.epochs
+        if erank_images is not None and (epoch % args.erank_freq == 0 or last):
+            stats["effective_rank"] = measure_effective_rank(model, erank_images, rt.autocast)
+        if probe is not None and (epoch % args.val_interval == 0 or last):
+            stats.update(evaluate_probe(model, probe, probe_loader, device, rt.autocast))
+        stats.update(epoch=epoch, n_parameters=n_params)
+
+        if args.output_dir and rt.is_main:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "args": args,
+                "log_stats": stats,
+                "rng": get_rng_state(device),
+            }
+            if probe is not None:
+                state["online_probe"] = {"model": unwrap(probe).state_dict(), "optimizer": probe_optimizer.state_dict()}
+            out = Path(args.output_dir)
+            ckpt.save_atomic(state, out / "checkpoint-last.pth")
+            if epoch % args.save_freq == 0 or last:
+                ckpt.save_atomic(state, out / f"checkpoint-{epoch}.pth")
+        run_log.write_epoch(stats)
+        run_log.scalars({k: v for k, v in stats.items() if k in ("effective_rank", "online_probe_acc1")}, (epoch + 1) * 1000)
+        log.info("epoch %d done: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()})
+
+    stats["wall_time_s"] = time.time() - start
+    log.info("training time %.1f s", stats["wall_time_s"])
+    run_log.close()
+    return stats
