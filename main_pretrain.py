@@ -12,7 +12,7 @@ import sys
 
 from umae_plugin.data import DATASETS, DataError
 from umae_plugin.models_mae import FEATURE_POOLS
-from umae_plugin.pretrain import default_lambda, run_pretrain
+from umae_plugin.pretrain import default_lambda, default_mask_ratio, run_pretrain
 from umae_plugin.runtime import AMP_DTYPES, accept_local_rank_alias
 
 
@@ -22,12 +22,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", default=400, type=int)
     parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
 
-    parser.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL")
+    parser.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL",
+                        help="mae_vit_*, umae_vit_*, simmim_vit_*, usimmim_vit_* (tiny/small/base/large_patch16, huge_patch14)")
     parser.add_argument("--input_size", default=224, type=int, help="image size")
     parser.add_argument("--patch_size", default=None, type=int, help="patch size (default: the model's); 4 for 32-px images")
-    parser.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
+    parser.add_argument("--mask_ratio", default=None, type=float,
+                        help="fraction of patches removed (default: 0.75; 0.6 for SimMIM models)")
     parser.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixels as targets")
     parser.set_defaults(norm_pix_loss=False)
+    parser.add_argument("--embed_dim", default=None, type=int, help="encoder width override (small experiments)")
+    parser.add_argument("--depth", default=None, type=int, help="encoder depth override")
+    parser.add_argument("--num_heads", default=None, type=int, help="encoder heads override")
     parser.add_argument("--decoder_embed_dim", default=None, type=int)
     parser.add_argument("--decoder_depth", default=None, type=int)
     parser.add_argument("--decoder_num_heads", default=None, type=int)
@@ -81,6 +86,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     """Resolve defaults that depend on other flags and refuse values that cannot work."""
     if args.lambda_unif is None:
         args.lambda_unif = default_lambda(args.model)
+    if args.mask_ratio is None:
+        args.mask_ratio = default_mask_ratio(args.model)
     if args.reg == "none":
         args.lambda_unif = 0.0
     if not 0.0 <= args.mask_ratio < 1.0:

@@ -26,7 +26,7 @@ MICRO = dict(patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim
 @pytest.fixture(scope="session", autouse=True)
 def micro_models():
     """`mae_vit_micro` / `umae_vit_micro` / `vit_micro`: scripts' end-to-end tests run in seconds."""
-    from umae_plugin import models_mae, models_umae, models_vit
+    from umae_plugin import models_mae, models_simmim, models_umae, models_vit
     from umae_plugin.registry import register
 
     def factory(cls, **kw):
@@ -34,5 +34,8 @@ def micro_models():
 
     register("mae_vit_micro", lambda **kw: factory(models_mae.MaskedAutoencoderViT, **kw))
     register("umae_vit_micro", lambda **kw: factory(models_umae.UMAEViT, **kw))
+    simmim = {k: v for k, v in MICRO.items() if not k.startswith("decoder")}
+    register("simmim_vit_micro", lambda **kw: models_simmim.SimMIMViT(**{**simmim, "img_size": 32, **kw}))
+    register("usimmim_vit_micro", lambda **kw: models_simmim.USimMIMViT(**{**simmim, "img_size": 32, **kw}))
     register("vit_micro", lambda **kw: models_vit.VisionTransformerClassifier(
         **{**{k: v for k, v in MICRO.items() if not k.startswith("decoder")}, "img_size": 32, "qkv_bias": True, **kw}))

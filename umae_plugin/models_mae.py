@@ -33,6 +33,38 @@ def pool_latent(latent: torch.Tensor, pool: str = "mean") -> torch.Tensor:
     raise ValueError(f"unknown feature pool {pool!r}; expected one of {FEATURE_POOLS}")
 
 
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N, L, p*p*C], patches row-major, channels last within a patch."""
+    n, c, h, w = imgs.shape
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+    x = imgs.reshape(n, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int]) -> torch.Tensor:
+    """[N, L, p*p*C] -> [N, C, H, W], the inverse of `patchify` for a `grid` of patches."""
+    gh, gw = grid
+    if x.shape[1] != gh * gw:
+        raise ValueError(f"expected {gh * gw} patches, got {x.shape[1]}")
+    c = x.shape[2] // (p * p)
+    x = x.reshape(x.shape[0], gh, gw, p, p, c)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], c, gh * p, gw * p)
+
+
+def pixel_targets(imgs: torch.Tensor, p: int, norm_pix: bool) -> torch.Tensor:
+    """Reconstruction targets [N, L, p*p*C]: raw patches, or each patch normalised by its own mean
+    and (unbiased) variance + 1e-6 (`norm_pix_loss`)."""
+    target = patchify(imgs, p)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    return target
+
+
 class MaskedAutoencoderViT(nn.Module):
     """Masked autoencoder with a ViT encoder and a light ViT decoder (He et al., 2022)."""
 
@@ -128,24 +160,11 @@ class MaskedAutoencoderViT(nn.Module):
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> [N, L, p*p*C], patches row-major, channels last within a patch."""
-        p = self.patch_size
-        n, c, h, w = imgs.shape
-        if h % p or w % p:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-        x = imgs.reshape(n, c, h // p, p, w // p, p)
-        x = torch.einsum("nchpwq->nhwpqc", x)
-        return x.reshape(n, (h // p) * (w // p), p * p * c)
+        return patchify(imgs, self.patch_size)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[N, L, p*p*C] -> [N, C, H, W] for the model's (square or not) patch grid."""
-        p = self.patch_size
-        gh, gw = self.grid_size
-        if x.shape[1] != gh * gw:
-            raise ValueError(f"expected {gh * gw} patches, got {x.shape[1]}")
-        c = x.shape[2] // (p * p)
-        x = x.reshape(x.shape[0], gh, gw, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, gh * p, gw * p)
+        return unpatchify(x, self.patch_size, self.grid_size)
 
     def random_masking(
         self, x: torch.Tensor, mask_ratio: float
@@ -211,11 +230,7 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error per patch, averaged over removed patches only; with `norm_pix_loss`
         the target is each patch normalised by its own mean and (unbiased) variance + 1e-6."""
-        target = self.patchify(imgs)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        target = pixel_targets(imgs, self.patch_size, self.norm_pix_loss)
         loss = ((pred - target) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 

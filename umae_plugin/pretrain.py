@@ -26,13 +26,13 @@ from .runtime import Runtime, save_args, setup_runtime
 
 log = logging.getLogger("umae")
 
-MAE_NAME = re.compile(r"u?mae_(vit_\w+)")
+MIM_NAME = re.compile(r"u?(mae|simmim)_(vit_\w+)")
 
 
 def default_lambda(model_name: str) -> float:
-    """The uniformity weight when `--lambda_unif` is not given: the paper's 0.01 for `umae_*`
-    models, 0 (exactly upstream MAE) for everything else."""
-    return 0.01 if model_name.startswith("umae_") else 0.0
+    """The uniformity weight when `--lambda_unif` is not given: the paper's 0.01 for `umae_*` and
+    `usimmim_*` models, 0 (exactly upstream MAE / SimMIM) for everything else."""
+    return 0.01 if model_name.startswith(("umae_", "usimmim_")) else 0.0
 
 
 def build_pretrain_model(
@@ -42,20 +42,37 @@ def build_pretrain_model(
     unif_pool: str = "mean",
     **overrides: Any,
 ) -> torch.nn.Module:
-    """`mae_vit_*` and `umae_vit_*` name the same architectures: a positive `lambda_unif` builds
-    the U-MAE class, zero builds the plain (upstream) MAE class. Other names are built as given."""
+    """`mae_vit_*` / `umae_vit_*` (and `simmim_vit_*` / `usimmim_vit_*`) name the same
+    architectures: a positive `lambda_unif` builds the uniformity-enhanced class, zero builds the
+    plain (upstream) class. Other names are built as given. `None` overrides are dropped, as are
+    decoder overrides for SimMIM, whose decoder is one linear layer."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    m = MAE_NAME.fullmatch(name)
+    m = MIM_NAME.fullmatch(name)
     if m is None:
         return create_model(name, **overrides)
+    family, arch = m.groups()
+    if family == "simmim":
+        ignored = [k for k in overrides if k.startswith("decoder_")]
+        if ignored:
+            log.warning("SimMIM has a one-layer linear decoder: ignoring %s", ", ".join(ignored))
+        overrides = {k: v for k, v in overrides.items() if k not in ignored}
     if lambda_unif > 0:
-        return create_model(f"umae_{m.group(1)}", lambda_unif=lambda_unif, unif_pool=unif_pool, **overrides)
-    return create_model(f"mae_{m.group(1)}", **overrides)
+        return create_model(f"u{family}_{arch}", lambda_unif=lambda_unif, unif_pool=unif_pool, **overrides)
+    return create_model(f"{family}_{arch}", **overrides)
+
+
+def default_mask_ratio(model_name: str) -> float:
+    """0.6 for SimMIM models (its paper's value), 0.75 (upstream MAE) otherwise."""
+    return 0.6 if "simmim_" in model_name else 0.75
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Constructor keywords given on the command line (None: the factory's default)."""
     return dict(
         img_size=args.input_size,
+        embed_dim=getattr(args, "embed_dim", None),
+        depth=getattr(args, "depth", None),
+        num_heads=getattr(args, "num_heads", None),
         patch_size=args.patch_size,
         norm_pix_loss=args.norm_pix_loss,
         decoder_embed_dim=args.decoder_embed_dim,

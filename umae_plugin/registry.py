@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from . import models_mae, models_umae, models_vit
+from . import models_mae, models_simmim, models_umae, models_vit
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -18,6 +18,8 @@ for _module, _prefix in ((models_mae, "mae_vit_"), (models_umae, "umae_vit_"), (
     for _name in dir(_module):
         if _name.startswith(_prefix):
             register(_name, getattr(_module, _name))
+for _name, _factory in models_simmim.FACTORIES.items():
+    register(_name, _factory)
 
 
 def list_models(prefix: str = "") -> list[str]:

@@ -1,0 +1,153 @@
+"""SimMIM (Xie et al., 2022) on the MAE ViT encoder, and U-SimMIM (paper Sec. 5.1, Table 2).
+
+SimMIM replaces the embeddings of masked patches by a learned mask token in the encoder input
+(every patch goes through the encoder), predicts raw pixels of every patch with a one-layer linear
+decoder, and takes the L1 loss on masked pixels only. Masks are drawn in square blocks of 2x2
+patches (32 px blocks of 16 px patches at 224 px; 2x2 patches of 4 px for 32-px images), 60% of
+the blocks by default. The encoder's keys equal the MAE encoder's, so `models_vit` classifiers and
+the checkpoint loader take it unchanged; `mask_token` (encoder width) and `decoder_pred` are
+pre-training-only, like MAE's decoder.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import checkpoint
+
+from .models_mae import ARCHS, MaskedAutoencoderViT, pixel_targets, pool_latent, unpatchify
+from .models_umae import UniformityMixin
+from .pos_embed import sincos_2d
+
+
+def block_mask(n: int, grid: tuple[int, int], mask_ratio: float, block: int, device=None) -> torch.Tensor:
+    """[n, gh*gw] float mask, 1 = masked: `ceil(ratio * blocks)` random `block` x `block` squares
+    of patches per sample."""
+    gh, gw = grid
+    if gh % block or gw % block:
+        raise ValueError(f"patch grid {gh}x{gw} is not a multiple of the mask block size {block}")
+    bh, bw = gh // block, gw // block
+    count = math.ceil(bh * bw * mask_ratio)
+    ids = torch.rand(n, bh * bw, device=device).argsort(dim=1)[:, :count]
+    mask = torch.zeros(n, bh * bw, device=device).scatter_(1, ids, 1.0).view(n, bh, bw)
+    return mask.repeat_interleave(block, 1).repeat_interleave(block, 2).reshape(n, gh * gw)
+
+
+class SimMIMViT(nn.Module):
+    """SimMIM pre-training model. `forward(imgs, mask_ratio=0.6)` -> (loss, pred [N, L, p*p*C],
+    mask [N, L]) and, with `return_terms`, the `loss_mim` term and pooled `features`."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        norm_pix_loss: bool = False,
+        mask_block: int = 2,
+    ) -> None:
+        super().__init__()
+        self.in_chans = in_chans
+        self.norm_pix_loss = norm_pix_loss
+        self.mask_block = mask_block
+        self.feature_pool = "mean"
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+        )
+        self.norm = norm_layer(embed_dim)
+        self.decoder_pred = nn.Linear(embed_dim, patch_size**2 * in_chans)
+        self.initialize_weights()
+
+    patch_size = property(lambda self: self.patch_embed.patch_size[0])
+    grid_size = property(lambda self: tuple(self.patch_embed.grid_size))
+    embed_dim = property(lambda self: self.cls_token.shape[-1])
+
+    def initialize_weights(self) -> None:
+        """As the MAE encoder: sin-cos table, xavier linears, normal(0.02) tokens."""
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=True)[None])
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(MaskedAutoencoderViT._init_weights)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "mask_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        return unpatchify(x, self.patch_size, self.grid_size)
+
+    def _encode(self, imgs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.patch_embed(imgs)
+        if mask is not None:
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        x = x + self.pos_embed[:, 1:, :]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() else blk(x)
+        return self.norm(x)
+
+    def forward_features(self, imgs: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        """Pooled features [N, D] of unmasked images."""
+        return pool_latent(self._encode(imgs, None), pool or self.feature_pool)
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """L1 between predicted and true pixels, averaged over the pixels of masked patches only."""
+        target = pixel_targets(imgs, self.patch_size, self.norm_pix_loss)
+        loss = (pred - target).abs().mean(dim=-1)
+        return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+    def _terms(self, imgs: torch.Tensor, latent: torch.Tensor, loss_mim: torch.Tensor) -> dict[str, Any]:
+        return {"loss": loss_mim, "loss_mim": loss_mim, "features": pool_latent(latent, self.feature_pool)}
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.6, return_terms: bool = False):
+        mask = block_mask(imgs.shape[0], self.grid_size, mask_ratio, self.mask_block, imgs.device)
+        latent = self._encode(imgs, mask)
+        pred = self.decoder_pred(latent[:, 1:])
+        terms = self._terms(imgs, latent, self.forward_loss(imgs, pred, mask))
+        loss = terms.pop("loss")
+        return (loss, pred, mask, terms) if return_terms else (loss, pred, mask)
+
+
+class USimMIMViT(UniformityMixin, SimMIMViT):
+    """SimMIM plus `lambda_unif * uniformity_loss` of the encoder output's patch-token mean (all
+    patch tokens, masked positions included); `lambda_unif=0` is exactly SimMIM."""
+
+    def __init__(self, *args: Any, lambda_unif: float = 0.01, unif_pool: str = "mean", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._set_uniformity(lambda_unif, unif_pool)
+
+
+def _build(cls: type[SimMIMViT], arch: str, **kwargs: Any) -> SimMIMViT:
+    cfg = dict(ARCHS[arch], mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    cfg.update(kwargs)
+    return cls(**cfg)
+
+
+def _factories(cls: type[SimMIMViT], prefix: str) -> dict[str, Callable[..., SimMIMViT]]:
+    return {f"{prefix}_vit_{arch}": partial(_build, cls, arch) for arch in ARCHS}
+
+
+FACTORIES = {**_factories(SimMIMViT, "simmim"), **_factories(USimMIMViT, "usimmim")}
