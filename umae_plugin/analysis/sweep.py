@@ -1,0 +1,172 @@
+"""Summary of a lambda sweep (paper Table 3): one row per pre-training run, sorted by lambda.
+
+    python -m umae_plugin.analysis sweep --sweep_dir jobs/lambda_sweep --output_dir out/sweep
+    python -m umae_plugin.analysis sweep --runs jobs/lambda_unif=0 jobs/lambda_unif=0.01
+
+A run is an output folder of `main_pretrain.py`. From it:
+* `lambda_unif` (and `model`, `epochs`) from `args.json`; without it, from the folder name
+  (`lambda_unif=0.01`, `lambda=0.01` or `lamb=0.01`);
+* from `log.txt` (JSON lines): `epoch` of the last line, and for each of `train_loss`,
+  `train_loss_mae`, `train_loss_unif`, `effective_rank`, `online_probe_acc1` the value of the
+  LAST line that has the key (the effective rank and the probe are not measured every epoch);
+* the linear-probe top-1 accuracy, first found of: `linprobe.json` in the run folder,
+  `linprobe/linprobe.json` (key `acc1`, else `test_acc1`), `linprobe/log.txt` (`test_acc1` of
+  the last line that has it, as `main_linprobe.py` logs it).
+Accuracies in the table are percentages: `online_probe_acc1` in the pre-training log and `acc1`
+in a `linprobe.json` are fractions (this project's convention for returned values) and are
+multiplied by 100; `test_acc1` is a percentage already (the upstream log format).
+`--sweep_dir` takes every folder below it that holds an `args.json` or a `log.txt` (folders named
+`linprobe` excluded). Writes `sweep.md`, `sweep.csv`, `sweep.json` and `sweep.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import report
+from .collapse import read_log
+
+log = logging.getLogger("umae")
+
+LOG_KEYS = ("train_loss", "train_loss_mae", "train_loss_unif", "effective_rank", "online_probe_acc1")
+COLUMNS = ("run", "lambda_unif", "epochs", *LOG_KEYS, "linprobe_acc1")
+_LAMBDA_IN_NAME = re.compile(r"(?:lambda_unif|lambda|lamb)=([-+0-9.eE]+)")
+
+
+def last_values(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
+    """For each key, its value on the last row that has it (None if no row has it)."""
+    found: dict[str, Any] = {k: None for k in keys}
+    for row in rows:
+        for k in keys:
+            if row.get(k) is not None:
+                found[k] = row[k]
+    return found
+
+
+def linprobe_acc1(run: Path) -> tuple[float | None, str | None]:
+    """(top-1 accuracy in %, the file it came from) of the run's linear probe, if one is found."""
+    for path in (run / "linprobe.json", run / "linprobe" / "linprobe.json"):
+        if path.is_file():
+            try:
+                obj = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                log.warning("unreadable %s", path)
+                continue
+            for key, scale in (("acc1", 100.0), ("test_acc1", 1.0)):
+                if isinstance(obj, dict) and obj.get(key) is not None:
+                    return float(obj[key]) * scale, str(path)
+    path = run / "linprobe" / "log.txt"
+    if path.is_file():
+        value = last_values(read_log(path), ["test_acc1"])["test_acc1"]
+        if value is not None:
+            return float(value), str(path)
+    return None, None
+
+
+def summarize_run(run: str | Path) -> dict[str, Any]:
+    """One row of the table for output folder `run`."""
+    run = Path(run)
+    row: dict[str, Any] = {"run": run.name, "path": str(run), "lambda_unif": None, "model": None, "epochs": None}
+    args_path = run / "args.json"
+    if args_path.is_file():
+        stored = json.loads(args_path.read_text())
+        row["model"] = stored.get("model")
+        if stored.get("lambda_unif") is not None:
+            row["lambda_unif"] = float(stored["lambda_unif"])
+    if row["lambda_unif"] is None:
+        m = _LAMBDA_IN_NAME.search(run.name)
+        if m:
+            try:
+                row["lambda_unif"] = float(m.group(1))
+            except ValueError:
+                pass
+    rows = read_log(run / "log.txt") if (run / "log.txt").is_file() else []
+    epochs = [int(r["epoch"]) for r in rows if "epoch" in r]
+    row["epochs"] = max(epochs) + 1 if epochs else None
+    row.update(last_values(rows, LOG_KEYS))
+    if row["online_probe_acc1"] is not None:
+        row["online_probe_acc1"] = float(row["online_probe_acc1"]) * 100.0
+    row["linprobe_acc1"], row["linprobe_source"] = linprobe_acc1(run)
+    if not rows:
+        log.warning("%s: no log.txt lines", run)
+    return row
+
+
+def find_runs(sweep_dir: str | Path) -> list[Path]:
+    """Folders below `sweep_dir` (itself included) that hold an args.json or a log.txt, except
+    linear-probe folders."""
+    sweep_dir = Path(sweep_dir)
+    found = {p.parent for name in ("args.json", "log.txt") for p in sweep_dir.rglob(name)}
+    return sorted(d for d in found if "linprobe" not in d.relative_to(sweep_dir).parts)
+
+
+def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """By lambda ascending (runs without a lambda last), then by name."""
+    return sorted(rows, key=lambda r: (r["lambda_unif"] is None, r["lambda_unif"] or 0.0, r["run"]))
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    rows = [r for r in rows if r["lambda_unif"] is not None]
+    fig = report.new_figure(1200, 400)
+    lams = np.array([r["lambda_unif"] for r in rows], dtype=float)
+    positive = lams[lams > 0]
+    panels = (("effective rank", ("effective_rank",)),
+              ("top-1 accuracy (%)", ("online_probe_acc1", "linprobe_acc1")),
+              ("final training loss", ("train_loss_mae", "train_loss")))
+    for k, (ylabel, keys) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, k + 1)
+        for key in keys:
+            y = np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows])
+            ok = np.isfinite(y)
+            if ok.any():
+                ax.plot(lams[ok], y[ok], marker="o", label=key)
+        if len(positive):
+            ax.set_xscale("symlog", linthresh=float(positive.min()))
+        ax.set_xlabel("lambda_unif")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("lambda sweep", fontsize=9)
+    fig.tight_layout()
+    return report.save_figure(fig, path)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("sweep: table of a lambda sweep", add_help=False)
+    parser.add_argument("--runs", nargs="*", default=[], help="pre-training output folders")
+    parser.add_argument("--sweep_dir", default=None, help="parent folder: every run below it")
+    parser.add_argument("--output_dir", default="analysis_out/sweep")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    runs = [Path(r) for r in args.runs]
+    if args.sweep_dir:
+        if not Path(args.sweep_dir).is_dir():
+            raise SystemExit(f"error: --sweep_dir {args.sweep_dir} is not a folder")
+        runs += find_runs(args.sweep_dir)
+    runs = list(dict.fromkeys(r.resolve() for r in runs))
+    if not runs:
+        raise SystemExit("error: no runs: give --runs folders or a --sweep_dir holding them")
+    missing = [str(r) for r in runs if not r.is_dir()]
+    if missing:
+        raise SystemExit(f"error: not a folder: {', '.join(missing)}")
+    rows = sort_rows([summarize_run(r) for r in runs])
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = report.markdown_table(rows, COLUMNS)
+    (out / "sweep.md").write_text(table + "\naccuracies in %; losses and effective rank from the last line that has them\n")
+    report.write_csv(out / "sweep.csv", rows, [*COLUMNS, "model", "linprobe_source", "path"])
+    report.write_json(out / "sweep.json", {"rows": rows})
+    plot_sweep(rows, out / "sweep.png")
+    print(table, end="")
+    print(f"wrote {out}")
+    return {"rows": rows}
+
