@@ -1,0 +1,232 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_linprobe
+from umae_plugin import checkpoint as ckpt
+from umae_plugin import classify
+from umae_plugin.data import make_synthetic_imagefolder
+from umae_plugin.optim import build_lars
+from umae_plugin.registry import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A `mae_vit_micro` pre-training checkpoint (32 px, patch 4) without saved args, so that
+    the probe must read input and patch size off the weights."""
+    path = tmp_path_factory.mktemp("pretrain") / "checkpoint-9.pth"
+    torch.manual_seed(1)
+    torch.save({"model": create_model("mae_vit_micro").state_dict(), "epoch": 9}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_synthetic_imagefolder(tmp_path_factory.mktemp("data"), num_classes=3, per_class=8)
+
+
+def parse(*argv):
+    return main_linprobe.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def probe_args(out, *extra, dataset="imagefolder", data_path=None, finetune=None, model="mae_vit_micro"):
+    argv = ["--model", model, "--dataset", dataset, "--epochs", "1", "--warmup_epochs", "1", "--batch_size", "8",
+            "--nb_classes", "3", "--device", "cpu", "--num_workers", "0", "--output_dir", out, "--log_dir", out,
+            "--print_freq", "2"]
+    if data_path is not None:
+        argv += ["--data_path", data_path]
+    if finetune is not None:
+        argv += ["--finetune", finetune]
+    return parse(*argv, *extra)
+
+
+def log_lines(out):
+    return [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]
+
+
+def spy_model(monkeypatch):
+    """Keep the model `run_linprobe` builds, and a copy of its weights before training."""
+    seen = {}
+    build = classify.build_linprobe_model
+
+    def spy(*a, **kw):
+        model = build(*a, **kw)
+        seen.update(model=model, init={k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(classify, "build_linprobe_model", spy)
+    return seen
+
+
+def test_imagefolder_epoch_trains_only_the_head_then_eval(tmp_path, folder, pretrained, monkeypatch):
+    seen = spy_model(monkeypatch)
+    out = tmp_path / "out"
+    stats = main_linprobe.main(probe_args(out, data_path=folder, finetune=pretrained))
+    model, init = seen["model"], seen["init"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.1.weight", "head.1.bias"}
+    assert isinstance(model.head[0], torch.nn.BatchNorm1d) and not model.head[0].affine
+    final = model.state_dict()
+    source = ckpt.torch_load(pretrained)["model"]
+    for k, v in final.items():
+        if not k.startswith("head."):
+            assert torch.equal(v, init[k]), k  # the encoder is byte-identical before / after
+    assert torch.equal(final["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(final["head.1.weight"], init["head.1.weight"])
+    assert init["head.1.weight"].std() == pytest.approx(0.01, rel=0.2) and not init["head.1.bias"].any()
+
+    line = log_lines(out)[0]
+    assert set(line) == {"train_lr", "train_loss", "test_acc1", "test_acc5", "test_loss", "epoch", "n_parameters"}
+    assert line["n_parameters"] == 32 * 3 + 3 and line["epoch"] == 0
+    assert 0 <= stats["acc1"] <= 1 and line["test_acc1"] == pytest.approx(100 * stats["acc1"])
+    saved = json.loads((out / "args.json").read_text())
+    assert (saved["input_size"], saved["patch_size"], saved["model"]) == (32, 4, "mae_vit_micro")
+    assert saved["lr"] == pytest.approx(0.1 * 8 / 256)
+    assert {p.name for p in out.glob("checkpoint-*.pth")} == {"checkpoint-0.pth", "checkpoint-last.pth"}
+    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+
+    # --eval of the written checkpoint reproduces the logged accuracy and writes nothing
+    before = (out / "log.txt").read_text()
+    evaluated = main_linprobe.main(probe_args(tmp_path / "eval", "--eval", "--resume", out / "checkpoint-last.pth",
+                                              data_path=folder, model="vit_micro"))
+    assert evaluated["acc1"] == pytest.approx(stats["acc1"]) and evaluated["loss"] == pytest.approx(stats["loss"])
+    assert (out / "log.txt").read_text() == before and not (tmp_path / "eval").exists()
+
+
+def test_digits_cached_features_and_knn(tmp_path, pretrained):
+    out = tmp_path / "out"
+    stats = main_linprobe.main(probe_args(out, "--cache_features", "--epochs", "5", "--batch_size", "64", "--lr", "5",
+                                          "--nb_classes", "1000", dataset="digits", finetune=pretrained))
+    for key in ("acc1", "acc5", "knn_acc1", "knn_acc5", "max_acc1"):
+        assert 0.0 <= stats[key] <= 1.0, key
+    assert stats["knn_acc1"] > 0.5  # 10 classes: chance is 0.1; random-weight ViT features cluster digits
+    assert stats["acc1"] > 0.25  # the head learns (LARS, 5 short epochs)
+    lines = log_lines(out)
+    assert [line["epoch"] for line in lines] == [0, 1, 2, 3, 4]
+    assert lines[-1]["test_knn_acc1"] == pytest.approx(100 * stats["knn_acc1"])
+    assert lines[-1]["test_acc1"] == pytest.approx(100 * stats["acc1"])
+    assert json.loads((out / "args.json").read_text())["nb_classes"] == 10  # taken from the dataset
+    state = ckpt.torch_load(out / "checkpoint-last.pth")
+    assert state["epoch"] == 4 and state["model"]["head.1.weight"].shape == (10, 32)
+
+    more = main_linprobe.main(probe_args(out, "--cache_features", "--epochs", "6", "--batch_size", "64", "--lr", "5",
+                                         "--resume", "auto", dataset="digits", finetune=pretrained))
+    assert [line["epoch"] for line in log_lines(out)] == [0, 1, 2, 3, 4, 5]
+    assert more["knn_acc1"] == stats["knn_acc1"]  # same frozen encoder, same features
+
+
+def test_digits_epoch_without_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    stats = main_linprobe.main(probe_args(out, "--input_size", "32", "--batch_size", "256", dataset="digits",
+                                          model="vit_micro"))
+    assert 0 <= stats["acc1"] <= 1 and len(log_lines(out)) == 1
+    assert json.loads((out / "args.json").read_text())["patch_size"] == 4  # the architecture's own
+
+
+def test_resume_auto_is_exact(tmp_path, folder, pretrained):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = dict(data_path=folder, finetune=pretrained)
+    main_linprobe.main(probe_args(full, "--epochs", "2", "--save_freq", "1", **common))
+    part.mkdir()
+    shutil.copy(full / "checkpoint-0.pth", part / "checkpoint-0.pth")  # a run killed after epoch 0
+    main_linprobe.main(probe_args(part, "--epochs", "2", "--resume", "auto", **common))
+
+    a, b = ckpt.torch_load(full / "checkpoint-last.pth"), ckpt.torch_load(part / "checkpoint-last.pth")
+    assert a["epoch"] == b["epoch"] == 1
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert [line["epoch"] for line in log_lines(part)] == [0, 1]  # epoch 0's line restored from the checkpoint
+
+    # the optimizer state after loading equals the saved one, tensor for tensor
+    saved = ckpt.torch_load(part / "checkpoint-0.pth")
+    args = probe_args(tmp_path / "x", data_path=folder)
+    args.input_size, args.patch_size = 32, 4
+    model = classify.build_linprobe_model("vit_micro", args, None)
+    optimizer = build_lars(model.head.parameters(), lr=0.1, weight_decay=0.0)
+    assert classify.load_resume_state(saved, model, optimizer) == 1
+    loaded = optimizer.state_dict()
+    assert loaded["state"].keys() == saved["optimizer"]["state"].keys() and loaded["state"]
+    for i, s in saved["optimizer"]["state"].items():
+        for name, tensor in s.items():
+            assert torch.equal(loaded["state"][i][name], tensor), (i, name)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--blr", "0"], "--blr must be > 0"),
+    (["--finetune", "/nonexistent/ckpt.pth"], "/nonexistent/ckpt.pth"),
+    (["--model", "resnet50"], "--model resnet50"),
+    (["--input_size", "30", "--patch_size", "4"], "not a multiple"),
+])
+def test_bad_flags_exit_with_message(tmp_path, flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main_linprobe.main(probe_args(tmp_path, *flags, dataset="digits"))
+    assert exc.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_path_subprocess(tmp_path):
+    proc = subprocess.run([sys.executable, "main_linprobe.py", "--data_path", "/nonexistent/imagenet", "--dataset",
+                           "imagefolder", "--device", "cpu", "--output_dir", str(tmp_path), "--log_dir", ""],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "/nonexistent/imagenet" in proc.stderr
+
+
+def test_parser_defaults_match_upstream():
+    args = main_linprobe.get_args_parser().parse_args([])
+    assert (args.batch_size, args.epochs, args.accum_iter, args.model) == (512, 90, 1, "vit_large_patch16")
+    assert (args.weight_decay, args.lr, args.blr, args.min_lr, args.warmup_epochs) == (0, None, 0.1, 0, 10)
+    assert (args.global_pool, args.pin_mem, args.nb_classes, args.num_workers) == (False, True, 1000, 10)
+    assert (args.save_freq, args.print_freq, args.input_size, args.patch_size) == (20, 20, None, None)
+    assert main_linprobe.get_args_parser().parse_args(["--global_pool", "--no_pin_mem"]).global_pool is True
+    assert main_linprobe.get_args_parser().parse_args(["--cls_token"]).global_pool is False
+
+
+def test_checkpoint_geometry_prefers_saved_args_then_weights():
+    import argparse
+
+    state = create_model("mae_vit_micro").state_dict()  # 32 px, patch 4: 8 x 8 grid + class token
+    assert classify.checkpoint_geometry({"model": state}) == (32, 4)
+    assert classify.checkpoint_geometry({"model": state, "args": argparse.Namespace(input_size=64)}) == (64, 4)
+    assert classify.checkpoint_geometry({"model": state, "args": {"input_size": 48, "patch_size": 8}}) == (48, 8)
+    assert classify.checkpoint_geometry({"args": argparse.Namespace(input_size=None)}) == (None, None)
+
+
+def test_model_names():
+    assert classify.classifier_name("mae_vit_base_patch16") == "vit_base_patch16"
+    assert classify.classifier_name("umae_vit_large_patch16") == "vit_large_patch16"
+    assert classify.classifier_name("vit_huge_patch14") == "vit_huge_patch14"
+    with pytest.raises(classify.ConfigError, match="mae_resnet50"):
+        classify.classifier_name("mae_resnet50")
+
+
+def test_encoder_overrides_come_from_the_checkpoint_args(tmp_path, folder):
+    """`main_pretrain.py --embed_dim 32 --depth 1 --num_heads 2` checkpoints probe with the same --model."""
+    import argparse
+
+    torch.manual_seed(0)
+    small = dict(embed_dim=32, depth=1, num_heads=2)
+    pre = create_model("mae_vit_tiny_patch16", img_size=32, patch_size=4, decoder_embed_dim=16, decoder_depth=1,
+                       decoder_num_heads=2, **small)
+    path = tmp_path / "pre.pth"
+    torch.save({"model": pre.state_dict(), "epoch": 0,
+                "args": argparse.Namespace(input_size=32, patch_size=4, decoder_depth=1, **small)}, path)
+    out = tmp_path / "out"
+    main_linprobe.main(probe_args(out, data_path=folder, finetune=path, model="mae_vit_tiny_patch16"))
+    saved = json.loads((out / "args.json").read_text())
+    assert {k: saved[k] for k in small} == small
+    assert ckpt.torch_load(out / "checkpoint-last.pth")["model"]["cls_token"].shape == (1, 1, 32)
+
+
+def test_image_folder_with_more_classes_than_nb_classes(tmp_path, folder):
+    with pytest.raises(classify.ConfigError, match="3 classes but --nb_classes is 2"):
+        main_linprobe.main(probe_args(tmp_path, "--nb_classes", "2", "--input_size", "32", data_path=folder,
+                                      model="vit_micro"))

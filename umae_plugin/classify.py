@@ -1,0 +1,640 @@
+"""Linear-probe and fine-tune runs: what `main_linprobe.py` and `main_finetune.py` call once their
+arguments are parsed.
+
+Reads the argument namespace here, once, and hands explicit values to the data, model, optimiser,
+engine (`engine_classify`, `linprobe_cached`) and checkpoint modules. Both runs resume from their
+own output folder with `--resume auto`. Returned accuracies are fractions in [0, 1]; `log.txt`
+and the printed lines keep the reference scripts' percentages (`test_acc1: 75.3`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
+
+from . import checkpoint as ckpt
+from . import data, distributed
+from .engine_classify import evaluate, train_one_epoch
+from .linprobe_cached import extract_features, knn_accuracy, train_linear_head
+from .logger import RunLog
+from .optim import build_lars, param_groups_layer_decay, resolve_lr
+from .pretrain import get_rng_state, set_rng_state
+from .registry import create_model, list_models
+from .runtime import AMP_DTYPES, Runtime, save_args, setup_runtime
+
+log = logging.getLogger("umae")
+
+MAE_NAME = re.compile(r"u?mae_(vit_\w+)")
+KNN_K, KNN_TEMPERATURE = 20, 0.07
+MIXUP_MODES = ("batch", "pair", "elem")
+
+
+class ConfigError(ValueError):
+    """A flag value, or combination of flags, that cannot work; the message names the flag."""
+
+
+# Errors a user fixes on the command line: the scripts print them without a traceback.
+USER_ERRORS = (ConfigError, data.DataError, ckpt.CheckpointMismatchError)
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags `main_linprobe.py` and `main_finetune.py` share with identical defaults: the
+    reference's dataset / output / runtime / distributed flags and this project's additions."""
+    parser.add_argument("--patch_size", default=None, type=int,
+                        help="patch size (default: the --finetune / --resume checkpoint's, else the model's)")
+
+    parser.add_argument("--dataset", default="imagefolder", choices=data.DATASETS)
+    parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
+                        help="dataset path (imagefolder: holds train/ and val/; cifar10: its root)")
+    parser.add_argument("--download", action="store_true", help="download CIFAR-10 into --data_path if absent")
+    parser.add_argument("--nb_classes", default=1000, type=int,
+                        help="number of classification types (digits / cifar10: taken from the dataset)")
+
+    parser.add_argument("--output_dir", default="./output_dir", help="path where to save, empty for no saving")
+    parser.add_argument("--log_dir", default="./output_dir", help="path where to write TensorBoard logs")
+    parser.add_argument("--device", default="cuda", help="device to use for training / testing")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="", help="resume from checkpoint, or 'auto' for the newest in --output_dir")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
+    parser.add_argument("--eval", action="store_true", help="perform evaluation only")
+    parser.add_argument("--dist_eval", action="store_true", default=False,
+                        help="enable distributed evaluation (shards val; else every process evaluates all of it)")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--pin_mem", action="store_true",
+                        help="pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+
+    parser.add_argument("--amp", default=None, choices=list(AMP_DTYPES),
+                        help="autocast dtype (default: bf16 on GPUs that support it, else none)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--save_freq", default=20, type=int,
+                        help="keep checkpoint-{epoch}.pth every N epochs and at the last (checkpoint-last.pth every epoch)")
+    parser.add_argument("--print_freq", default=20, type=int, help="log (and sync with the device) every N steps")
+
+    parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes (set by the launcher)")
+    parser.add_argument("--local_rank", default=-1, type=int)
+    parser.add_argument("--dist_on_itp", action="store_true", help="accepted for compatibility; the launcher's environment is used")
+    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    return parser
+
+
+def classifier_name(model: str) -> str:
+    """The classifier for `--model`: `vit_*` as given; `mae_vit_*` / `umae_vit_*` (pre-training
+    names) map to the `vit_*` of the same encoder."""
+    match = MAE_NAME.fullmatch(model)
+    name = match.group(1) if match else model
+    if name not in list_models("vit_"):
+        raise ConfigError(f"--model {model}: no classifier named {name!r}; known: {', '.join(list_models('vit_'))}")
+    return name
+
+
+def check_args(args: argparse.Namespace, mode: str) -> argparse.Namespace:
+    """Refuse values that cannot work (`mode`: "linprobe" or "finetune"); raises `ConfigError`."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    for name in ("batch_size", "accum_iter", "save_freq", "print_freq", "nb_classes"):
+        need(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("epochs", "start_epoch", "warmup_epochs", "min_lr", "weight_decay", "num_workers"):
+        need(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.lr is None:
+        need(args.blr > 0, f"--blr must be > 0, got {args.blr}")
+    else:
+        need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    for name in ("input_size", "patch_size"):
+        value = getattr(args, name)
+        need(value is None or value >= 1, f"--{name} must be >= 1, got {value}")
+    if args.input_size and args.patch_size:
+        need(args.input_size % args.patch_size == 0,
+             f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
+    if args.finetune and not args.eval:
+        need(Path(args.finetune).is_file(), f"--finetune {args.finetune}: no such checkpoint file")
+    if args.resume not in ("", "auto"):
+        need(Path(args.resume).is_file(), f"--resume {args.resume}: no such checkpoint file")
+    classifier_name(args.model)
+    if mode == "finetune":
+        need(args.layer_decay > 0, f"--layer_decay must be > 0, got {args.layer_decay}")
+        need(0 <= args.drop_path < 1, f"--drop_path must be in [0, 1), got {args.drop_path}")
+        need(0 <= args.smoothing < 1, f"--smoothing must be in [0, 1), got {args.smoothing}")
+        need(args.clip_grad is None or args.clip_grad > 0, f"--clip_grad must be > 0, got {args.clip_grad}")
+        need(0 <= args.reprob <= 1, f"--reprob must be in [0, 1], got {args.reprob}")
+        need(args.mixup >= 0 and args.cutmix >= 0, f"--mixup / --cutmix must be >= 0, got {args.mixup} / {args.cutmix}")
+        need(0 <= args.mixup_prob <= 1 and 0 <= args.mixup_switch_prob <= 1,
+             "--mixup_prob and --mixup_switch_prob must be in [0, 1]")
+        need(args.mixup_mode in MIXUP_MODES, f"--mixup_mode must be one of {MIXUP_MODES}, got {args.mixup_mode!r}")
+        need(args.cutmix_minmax is None or len(args.cutmix_minmax) == 2,
+             f"--cutmix_minmax takes two values (min max), got {args.cutmix_minmax}")
+        need(not mixup_active(args) or args.batch_size % 2 == 0,
+             f"mixup / cutmix needs an even --batch_size, got {args.batch_size}")
+    return args
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints and geometry
+
+
+def read_checkpoint(path: str | Path, flag: str, mmap: bool = False) -> Any:
+    """A checkpoint file's content; with `mmap`, tensors are read lazily where the format allows
+    (only part of a large --finetune file may be needed)."""
+    if mmap:
+        try:
+            return ckpt.torch_load(path, mmap=True)
+        except Exception:  # legacy (non-zip) files cannot be memory-mapped
+            pass
+    try:
+        return ckpt.torch_load(path)
+    except Exception as err:
+        raise ConfigError(f"{flag} {path}: cannot read the checkpoint ({type(err).__name__}: {err})") from err
+
+
+ENCODER_OVERRIDES = ("embed_dim", "depth", "num_heads")
+
+
+def _saved_args(source: Mapping[str, Any]) -> Mapping[str, Any]:
+    saved = source.get("args") if isinstance(source, Mapping) else None
+    return vars(saved) if isinstance(saved, argparse.Namespace) else saved if isinstance(saved, Mapping) else {}
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def checkpoint_geometry(source: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(input size, patch size) a checkpoint was trained at: from its saved `args` when they hold
+    `input_size` / `patch_size`, else from the weights (patch: the patch-embedding kernel; input:
+    sqrt(position-embedding tokens - 1) * patch). None where neither says."""
+    saved = _saved_args(source)
+    input_size, patch_size = _positive_int(saved.get("input_size")), _positive_int(saved.get("patch_size"))
+    if input_size is None or patch_size is None:
+        try:
+            state = ckpt.extract_state_dict(source)
+        except ValueError:
+            return input_size, patch_size
+        kernel = state.get("patch_embed.proj.weight")
+        table = state.get("pos_embed")
+        weight_patch = int(kernel.shape[-1]) if kernel is not None else None
+        patch_size = patch_size or weight_patch
+        if input_size is None and table is not None and weight_patch:
+            side = math.isqrt(table.shape[1] - 1)
+            if side * side == table.shape[1] - 1:
+                input_size = side * weight_patch
+    return input_size, patch_size
+
+
+def checkpoint_encoder_overrides(source: Mapping[str, Any]) -> dict[str, int]:
+    """The encoder overrides (`embed_dim`, `depth`, `num_heads`) a checkpoint's saved `args`
+    record (`main_pretrain.py --embed_dim ...`, and these scripts' own checkpoints); {} for
+    released checkpoints, whose architecture is the one `--model` names."""
+    saved = _saved_args(source)
+    return {k: saved[k] for k in ENCODER_OVERRIDES if _positive_int(saved.get(k)) is not None}
+
+
+def resume_path(resume: str, output_dir: str | None) -> Path | None:
+    """`--resume`: '' (none), 'auto' (the newest complete checkpoint in `output_dir`, if any) or a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = ckpt.find_latest_checkpoint(output_dir) if output_dir and Path(output_dir).is_dir() else None
+        log.info("resume auto: %s", found or f"no checkpoint in {output_dir}, starting fresh")
+        return found
+    if not Path(resume).is_file():
+        raise ConfigError(f"--resume {resume}: no such checkpoint file")
+    return Path(resume)
+
+
+def load_resume_state(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> int | None:
+    """Restore a checkpoint written by these runs: the model always (strict); with `optimizer`
+    (training, not `--eval`) also the optimizer, scaler and random state. Returns the epoch to
+    start at (saved epoch + 1), or None when only the model was restored."""
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except (KeyError, RuntimeError) as err:
+        raise ConfigError(f"--resume: the checkpoint does not hold this classifier ({err})") from err
+    if optimizer is None or "optimizer" not in state or "epoch" not in state:
+        return None
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if distributed.get_world_size() == 1:
+        set_rng_state(state.get("rng"))
+    return int(state["epoch"]) + 1
+
+
+def save_checkpoint(output_dir: str, state: dict[str, Any], epoch: int, save_freq: int, last: bool) -> None:
+    """`checkpoint-last.pth` every epoch; `checkpoint-{epoch}.pth` every `save_freq` epochs and at
+    the last one. Atomic writes: a kill leaves the previous file intact."""
+    out = Path(output_dir)
+    ckpt.save_atomic(state, out / "checkpoint-last.pth")
+    if epoch % save_freq == 0 or last:
+        ckpt.save_atomic(state, out / f"checkpoint-{epoch}.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _percent(stats: Mapping[str, float]) -> dict[str, float]:
+    """Accuracies as the reference logs them (percent); other values unchanged."""
+    return {k: v * 100 if "acc" in k else v for k, v in stats.items()}
+
+
+def _num_classes(args: argparse.Namespace, train_set: Dataset | None, val_set: Dataset) -> None:
+    """Check `--nb_classes` against the data: digits / cifar10 take the dataset's count (with a
+    warning when the flag differs); an image folder must not have more classes than the flag,
+    and its train and val splits must name the same classes (else labels would shift)."""
+    found = data.num_classes(train_set if train_set is not None else val_set)
+    if args.dataset != "imagefolder":
+        if args.nb_classes != found:
+            log.warning("--nb_classes %d ignored: dataset %s has %d classes", args.nb_classes, args.dataset, found)
+            args.nb_classes = found
+        return
+    if train_set is not None and train_set.classes != val_set.classes:
+        raise ConfigError(f"{args.data_path}: train/ and val/ hold different class folders "
+                          f"({len(train_set.classes)} vs {len(val_set.classes)} classes)")
+    if found > args.nb_classes:
+        raise ConfigError(f"{args.data_path} has {found} classes but --nb_classes is {args.nb_classes}")
+    if found < args.nb_classes:
+        log.warning("%s has %d classes; the head keeps --nb_classes %d outputs", args.data_path, found, args.nb_classes)
+
+
+def _val_loader(dataset: Dataset, args: argparse.Namespace, pin_memory: bool) -> DataLoader:
+    """Sharded across processes with `--dist_eval`; otherwise every process reads all of val
+    (as the reference does without `--dist_eval`)."""
+    if args.dist_eval or distributed.get_world_size() == 1:
+        if args.dist_eval and len(dataset) % distributed.get_world_size():
+            log.warning("--dist_eval with %d val images over %d processes: a few are counted twice",
+                        len(dataset), distributed.get_world_size())
+        return data.build_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers,
+                                 pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=SequentialSampler(dataset),
+                      num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False)
+
+
+def _prologue(args: argparse.Namespace, mode: str) -> tuple[Runtime, str, Mapping | None, Mapping | None]:
+    """Checks, runtime, model name, and the checkpoints to read: (runtime, classifier name,
+    --resume state, --finetune content)."""
+    check_args(args, mode)
+    rt = setup_runtime(args.device, args.seed, args.amp)
+    if args.dist_on_itp:
+        log.warning("--dist_on_itp is accepted for compatibility only: the process group comes from the environment")
+    name = classifier_name(args.model)
+    path = resume_path(args.resume, args.output_dir)
+    resume_state = read_checkpoint(path, "--resume") if path is not None else None
+    if resume_state is not None:
+        log.info("resuming from %s", path)
+    source = read_checkpoint(args.finetune, "--finetune", mmap=True) if args.finetune and not args.eval else None
+    geometry_from = resume_state if resume_state is not None else source
+    input_size, patch_size = checkpoint_geometry(geometry_from) if geometry_from is not None else (None, None)
+    if args.input_size is None:
+        args.input_size = input_size or 224
+    if args.patch_size is None:
+        args.patch_size = patch_size  # None: the architecture's own
+    if args.patch_size and args.input_size % args.patch_size:
+        raise ConfigError(f"--input_size {args.input_size} is not a multiple of the patch size {args.patch_size}")
+    overrides = checkpoint_encoder_overrides(geometry_from) if geometry_from is not None else {}
+    for key in ENCODER_OVERRIDES:  # recorded in args, so this run's checkpoints rebuild the same encoder
+        setattr(args, key, overrides.get(key))
+    if overrides:
+        log.info("encoder overrides from the checkpoint's args: %s", overrides)
+    return rt, name, resume_state, source
+
+
+def _finish(result: dict[str, Any]) -> dict[str, Any]:
+    """Leave the process group together: a rank that exits while rank 0 still writes its last
+    checkpoint can bring the job down (gloo aborts on a peer's closed connection)."""
+    if distributed.is_enabled():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def _create(name: str, args: argparse.Namespace, **kwargs: Any) -> nn.Module:
+    """The classifier `name` at the resolved input / patch size, with any encoder overrides."""
+    for key in ("patch_size", *ENCODER_OVERRIDES):
+        if getattr(args, key, None):
+            kwargs[key] = getattr(args, key)
+    model = create_model(name, num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size, **kwargs)
+    args.patch_size = model.patch_embed.patch_size[0]
+    return model
+
+
+def _scaler(rt: Runtime) -> torch.amp.GradScaler | None:
+    return torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
+
+
+def _wrap(model: nn.Module, rt: Runtime, compile_model: bool) -> nn.Module:
+    if rt.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return torch.compile(model) if compile_model else model
+
+
+def _evaluate_only(
+    model: nn.Module, val_set: Dataset, args: argparse.Namespace, rt: Runtime, resume_state: Mapping | None
+) -> dict[str, float]:
+    """`--eval`: the `--resume` checkpoint's accuracy on val, nothing written."""
+    if resume_state is not None:
+        load_resume_state(resume_state, model)
+    else:
+        log.warning("--eval without a --resume checkpoint: evaluating a classifier whose head is untrained")
+    pin = args.pin_mem and rt.device.type == "cuda"
+    eval_model = torch.compile(model) if args.compile else model
+    stats = evaluate(eval_model, _val_loader(val_set, args, pin), rt.device, rt.autocast)
+    log.info("Accuracy of the network on the %d test images: %.1f%%", len(val_set), stats["acc1"] * 100)
+    return stats
+
+
+def _fit(
+    args: argparse.Namespace,
+    rt: Runtime,
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_set: Dataset,
+    val_set: Dataset,
+    resume_state: Mapping | None,
+    n_parameters: int,
+    *,
+    mixup_fn: Callable | None = None,
+    clip_grad: float | None = None,
+) -> dict[str, Any]:
+    """The reference epoch loop: train, evaluate, checkpoint, one log line; returns the last
+    epoch's val accuracy (fractions), `max_acc1` and the training loss."""
+    device = rt.device
+    pin = args.pin_mem and device.type == "cuda"
+    scaler = _scaler(rt)
+    start_epoch, max_acc1 = args.start_epoch, 0.0
+    run_log = RunLog(args.output_dir or None, args.log_dir or None, enabled=rt.is_main)
+    if resume_state is not None:
+        start = load_resume_state(resume_state, model, optimizer, scaler)
+        start_epoch = start if start is not None else start_epoch
+        max_acc1 = float(resume_state.get("max_accuracy", 0.0))
+        if rt.is_main and resume_state.get("log_stats"):
+            run_log.write_epoch(resume_state["log_stats"])  # the line a kill after the checkpoint may have lost
+    if rt.is_main and args.output_dir:
+        save_args(args, args.output_dir)
+
+    train_loader = data.build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
+                                     pin_memory=pin, seed=args.seed)
+    if len(train_loader) == 0:
+        raise ConfigError(f"each process gets {len(train_loader.sampler)} of the {len(train_set)} training images, "
+                          f"fewer than --batch_size {args.batch_size}: no full batch; lower --batch_size")
+    val_loader = _val_loader(val_set, args, pin)
+    train_model = _wrap(model, rt, args.compile)
+    log.info("training epochs %d..%d", start_epoch, args.epochs - 1)
+
+    result: dict[str, Any] = {}
+    start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        data.set_epoch(train_loader, epoch)
+        train_stats = train_one_epoch(
+            train_model, criterion, train_loader, optimizer, device=device, epoch=epoch, lr=args.lr,
+            min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs, autocast=rt.autocast,
+            scaler=scaler, accum_iter=args.accum_iter, clip_grad=clip_grad, mixup_fn=mixup_fn,
+            print_freq=args.print_freq, run_log=run_log,
+        )
+        test_stats = evaluate(train_model, val_loader, device, rt.autocast)
+        max_acc1 = max(max_acc1, test_stats["acc1"])
+        line = {**{f"train_{k}": v for k, v in train_stats.items()},
+                **_percent({f"test_{k}": v for k, v in test_stats.items()}),
+                "epoch": epoch, "n_parameters": n_parameters}
+        if args.output_dir and rt.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "scaler": scaler.state_dict() if scaler is not None else None, "args": args,
+                     "log_stats": line, "max_accuracy": max_acc1, "rng": get_rng_state(device)}
+            save_checkpoint(args.output_dir, state, epoch, args.save_freq, last=epoch + 1 == args.epochs)
+        run_log.write_epoch(line)
+        run_log.scalars({f"perf/test_{k}": v for k, v in _percent(test_stats).items()}, epoch)
+        log.info("Accuracy of the network on the %d test images: %.1f%%", len(val_set), test_stats["acc1"] * 100)
+        log.info("Max accuracy: %.2f%%", max_acc1 * 100)
+        result = {**test_stats, "max_acc1": max_acc1, "train_loss": train_stats["loss"], "epoch": epoch}
+    if not result:  # nothing left to train (resumed at the end): report the model as it is
+        result = {**evaluate(train_model, val_loader, device, rt.autocast), "max_acc1": max_acc1}
+    result["wall_time_s"] = time.time() - start
+    log.info("Training time %.1f s", result["wall_time_s"])
+    run_log.close()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# linear probing
+
+
+def build_linprobe_model(name: str, args: argparse.Namespace, source: Mapping | None) -> nn.Module:
+    """The reference probe: the classifier with `source`'s encoder, head weight trunc-normal(0.01)
+    and bias 0, the head behind a BatchNorm without affine parameters, all else frozen."""
+    model = _create(name, args)
+    if source is not None:
+        log.info("loading the encoder of --finetune %s", args.finetune)
+        ckpt.load_pretrained(model, source)  # logs what was loaded, initialised fresh, ignored
+    nn.init.trunc_normal_(model.head.weight, std=0.01)
+    nn.init.zeros_(model.head.bias)
+    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in model.head.parameters():
+        p.requires_grad = True
+    return model
+
+
+def run_linprobe(args: argparse.Namespace) -> dict[str, Any]:
+    """Linear probing as the reference script (or on cached features with `--cache_features`).
+
+    Returns the last epoch's val `acc1`, `acc5` (fractions), `loss`, `max_acc1`, and with
+    `--cache_features` the weighted k-NN `knn_acc1`, `knn_acc5`."""
+    return _finish(_run_linprobe(args))
+
+
+def _run_linprobe(args: argparse.Namespace) -> dict[str, Any]:
+    rt, name, resume_state, source = _prologue(args, "linprobe")
+    cached = args.cache_features and not args.eval
+    train_tf = data.eval_transform(args.input_size) if cached else data.linprobe_transform(args.input_size, True)
+    # Data first: a wrong path fails before anything expensive is built.
+    train_set = None if args.eval else data.build_dataset(args.dataset, args.data_path, "train", train_tf, args.download)
+    val_set = data.build_dataset(args.dataset, args.data_path, "val", data.linprobe_transform(args.input_size, False),
+                                 args.download)
+    _num_classes(args, train_set, val_set)
+
+    model = build_linprobe_model(name, args, source).to(rt.device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    args.lr = resolve_lr(args.lr, args.blr, args.batch_size, args.accum_iter, rt.world_size)
+    log.info("model %s, input %d px, patch %d: %d trainable parameters; effective batch %d, lr %.3e (blr %.3e)",
+             name, args.input_size, args.patch_size, n_parameters,
+             args.batch_size * args.accum_iter * rt.world_size, args.lr, args.blr)
+    optimizer = build_lars(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    pin = args.pin_mem and rt.device.type == "cuda"
+
+    if args.eval:
+        return _evaluate_only(model, val_set, args, rt, resume_state)
+    if cached:
+        return _linprobe_cached(args, rt, model, optimizer, train_set, val_set, resume_state, n_parameters, pin)
+    return _fit(args, rt, model, nn.CrossEntropyLoss(), optimizer, train_set, val_set, resume_state, n_parameters)
+
+
+def _broadcast(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (DDP does this when it wraps a model)."""
+    if distributed.get_world_size() > 1:
+        for tensor in module.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)
+
+
+def _linprobe_cached(
+    args: argparse.Namespace,
+    rt: Runtime,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_set: Dataset,
+    val_set: Dataset,
+    resume_state: Mapping | None,
+    n_parameters: int,
+    pin: bool,
+) -> dict[str, Any]:
+    """`--cache_features`: features of unaugmented images once, then the head on them. Every
+    process extracts its shard and trains the same head on all features (no DDP needed); the
+    head's batch is the effective batch `batch_size * accum_iter * world_size`."""
+    run_log = RunLog(args.output_dir or None, args.log_dir or None, enabled=rt.is_main)
+    start_epoch, max_acc1 = args.start_epoch, 0.0
+    if resume_state is not None:
+        start = load_resume_state(resume_state, model, optimizer)
+        start_epoch = start if start is not None else start_epoch
+        max_acc1 = float(resume_state.get("max_accuracy", 0.0))
+        if rt.is_main and resume_state.get("log_stats"):
+            run_log.write_epoch(resume_state["log_stats"])
+    _broadcast(model)
+    if rt.is_main and args.output_dir:
+        save_args(args, args.output_dir)
+
+    loaders = [data.build_loader(s, args.batch_size, train=False, num_workers=args.num_workers, pin_memory=pin)
+               for s in (train_set, val_set)]
+    forward = torch.compile(model.forward_features) if args.compile else None
+    start = time.time()
+    (train_feats, train_labels), (val_feats, val_labels) = [
+        extract_features(model, loader, rt.device, rt.autocast, forward=forward, print_freq=args.print_freq)
+        for loader in loaders]
+    log.info("cached features: train %s, val %s in %.1f s", tuple(train_feats.shape), tuple(val_feats.shape),
+             time.time() - start)
+    knn = knn_accuracy(train_feats, train_labels, val_feats, val_labels, k=KNN_K, temperature=KNN_TEMPERATURE,
+                       num_classes=args.nb_classes)
+    log.info("weighted %d-NN (T=%g): top-1 %.2f%%, top-5 %.2f%%", KNN_K, KNN_TEMPERATURE, knn["acc1"] * 100, knn["acc5"] * 100)
+    knn_line = _percent({"test_knn_acc1": knn["acc1"], "test_knn_acc5": knn["acc5"]})
+
+    def on_epoch_end(epoch: int, train_stats: dict, val_stats: dict) -> None:
+        nonlocal max_acc1
+        max_acc1 = max(max_acc1, val_stats["acc1"])
+        line = {**{f"train_{k}": v for k, v in train_stats.items()},
+                **_percent({f"test_{k}": v for k, v in val_stats.items()}), **knn_line,
+                "epoch": epoch, "n_parameters": n_parameters}
+        if args.output_dir and rt.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "scaler": None, "args": args, "log_stats": line, "max_accuracy": max_acc1}
+            save_checkpoint(args.output_dir, state, epoch, args.save_freq, last=epoch + 1 == args.epochs)
+        run_log.write_epoch(line)
+        run_log.scalars({f"perf/test_{k}": v for k, v in _percent(val_stats).items()}, epoch)
+        log.info("epoch %d: train loss %.4f, val top-1 %.2f%% (max %.2f%%)", epoch, train_stats["loss"],
+                 val_stats["acc1"] * 100, max_acc1 * 100)
+
+    result = train_linear_head(
+        model.head, train_feats, train_labels, epochs=args.epochs,
+        batch_size=args.batch_size * args.accum_iter * rt.world_size, lr=args.lr, min_lr=args.min_lr,
+        warmup_epochs=args.warmup_epochs, optimizer=optimizer, start_epoch=start_epoch, seed=args.seed,
+        val_feats=val_feats, val_labels=val_labels, on_epoch_end=on_epoch_end,
+    )
+    max_acc1 = max(max_acc1, result["acc1"])
+    log.info("Accuracy of the network on the %d test images: %.1f%%", len(val_set), result["acc1"] * 100)
+    log.info("Max accuracy: %.2f%%", max_acc1 * 100)
+    run_log.close()
+    return {**result, "max_acc1": max_acc1, "knn_acc1": knn["acc1"], "knn_acc5": knn["acc5"],
+            "wall_time_s": time.time() - start}
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuning
+
+
+def build_finetune_model(name: str, args: argparse.Namespace, source: Mapping | None) -> nn.Module:
+    """The classifier with drop path and `source`'s encoder; a freshly initialised head gets the
+    reference's trunc-normal(2e-5) weights."""
+    model = _create(name, args, drop_path_rate=args.drop_path)
+    if source is not None:
+        log.info("loading the encoder of --finetune %s", args.finetune)
+        report = ckpt.load_pretrained(model, source)  # logs what was loaded, initialised fresh, ignored
+        if "head.weight" in report.fresh:
+            nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    return model
+
+
+def build_criterion(args: argparse.Namespace) -> nn.Module:
+    """Soft-target cross-entropy with mixup / cutmix, else label smoothing, else cross-entropy."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup_active(args):
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    """Fine-tuning (or `--eval` of a `--resume` checkpoint) as the reference script. Returns the
+    last epoch's val `acc1`, `acc5` (fractions), `loss` and `max_acc1`."""
+    return _finish(_run_finetune(args))
+
+
+def _run_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    rt, name, resume_state, source = _prologue(args, "finetune")
+    train_set = None
+    if not args.eval:
+        train_tf = data.finetune_transform(args.input_size, True, color_jitter=args.color_jitter, aa=args.aa,
+                                           reprob=args.reprob, remode=args.remode, recount=args.recount)
+        train_set = data.build_dataset(args.dataset, args.data_path, "train", train_tf, args.download)
+    val_set = data.build_dataset(args.dataset, args.data_path, "val", data.finetune_transform(args.input_size, False),
+                                 args.download)
+    _num_classes(args, train_set, val_set)
+
+    mixup_fn = None
+    if mixup_active(args):
+        from timm.data import Mixup
+
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+        log.info("mixup / cutmix on: mixup %g, cutmix %g, mode %s", args.mixup, args.cutmix, args.mixup_mode)
+
+    model = build_finetune_model(name, args, source).to(rt.device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    args.lr = resolve_lr(args.lr, args.blr, args.batch_size, args.accum_iter, rt.world_size)
+    log.info("model %s, input %d px, patch %d: %.2fM parameters; effective batch %d, lr %.3e (blr %.3e)",
+             name, args.input_size, args.patch_size, n_parameters / 1e6,
+             args.batch_size * args.accum_iter * rt.world_size, args.lr, args.blr)
+    groups = param_groups_layer_decay(model, args.weight_decay, args.layer_decay,
+                                      no_weight_decay_list=model.no_weight_decay())
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+
+    if args.eval:
+        return _evaluate_only(model, val_set, args, rt, resume_state)
+    return _fit(args, rt, model, build_criterion(args), optimizer, train_set, val_set, resume_state, n_parameters,
+                mixup_fn=mixup_fn, clip_grad=args.clip_grad)
