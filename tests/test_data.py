@@ -230,3 +230,12 @@ def test_loader_with_workers(folder):
     assert loader.persistent_workers
     batches = [tuple(x.shape) for x, _ in loader]
     assert batches == [(4, 3, 8, 8)] * 3
+
+
+def test_randaugment_posterize_to_zero_bits_gives_black_image():
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    op = AugmentOp("Posterize", prob=1.0, magnitude=0)  # timm maps magnitude 0 to 0 bits
+    out = op(Image.new("RGB", (8, 8), (200, 100, 50)))
+    assert out.getextrema() == ((0, 0), (0, 0), (0, 0))

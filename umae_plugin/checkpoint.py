@@ -231,3 +231,17 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if epoch > best_epoch or (epoch == best_epoch and path.name == "checkpoint-last.pth"):
             best, best_epoch = path, epoch
     return best
+
+
+def resolve_resume(resume: str, output_dir: str | os.PathLike | None) -> Path | None:
+    """`--resume`: '' (none), 'auto' (the newest complete checkpoint in `output_dir`, or None when
+    there is none yet: a fresh start) or a path, which must exist."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = find_latest_checkpoint(output_dir) if output_dir and Path(output_dir).is_dir() else None
+        log.info("resume auto: %s", found or f"no checkpoint in {output_dir}, starting fresh")
+        return found
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
+    return Path(resume)

@@ -27,7 +27,7 @@ from .engine_classify import evaluate, train_one_epoch
 from .linprobe_cached import extract_features, knn_accuracy, train_linear_head
 from .logger import RunLog
 from .optim import build_lars, param_groups_layer_decay, resolve_lr
-from .pretrain import get_rng_state, set_rng_state
+from .runtime import get_rng_state, set_rng_state
 from .registry import create_model, list_models
 from .runtime import AMP_DTYPES, Runtime, save_args, setup_runtime
 
@@ -210,16 +210,11 @@ def checkpoint_encoder_overrides(source: Mapping[str, Any]) -> dict[str, int]:
 
 
 def resume_path(resume: str, output_dir: str | None) -> Path | None:
-    """`--resume`: '' (none), 'auto' (the newest complete checkpoint in `output_dir`, if any) or a path."""
-    if not resume:
-        return None
-    if resume == "auto":
-        found = ckpt.find_latest_checkpoint(output_dir) if output_dir and Path(output_dir).is_dir() else None
-        log.info("resume auto: %s", found or f"no checkpoint in {output_dir}, starting fresh")
-        return found
-    if not Path(resume).is_file():
-        raise ConfigError(f"--resume {resume}: no such checkpoint file")
-    return Path(resume)
+    """`checkpoint.resolve_resume`, with a missing file reported as a configuration error."""
+    try:
+        return ckpt.resolve_resume(resume, output_dir)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_resume_state(
@@ -325,11 +320,7 @@ def _prologue(args: argparse.Namespace, mode: str) -> tuple[Runtime, str, Mappin
 
 
 def _finish(result: dict[str, Any]) -> dict[str, Any]:
-    """Leave the process group together: a rank that exits while rank 0 still writes its last
-    checkpoint can bring the job down (gloo aborts on a peer's closed connection)."""
-    if distributed.is_enabled():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    distributed.shutdown()
     return result
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
@@ -80,6 +80,19 @@ def linprobe_transform(input_size: int, train: bool) -> transforms.Compose:
         transforms.RandomHorizontalFlip(),
         *_normalize(),
     ])
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's RandAugment asks for 0 bits at some magnitudes; recent Pillow (13 here) rejects bits < 1
+    where older Pillow returned a black image, so an upstream fine-tune with the default `--aa` would
+    crash within its first batches. Keep the old result."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 def finetune_transform(

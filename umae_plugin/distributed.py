@@ -78,3 +78,11 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x / get_world_size()
+
+
+def shutdown() -> None:
+    """Leave the process group together: a rank that exits while rank 0 still writes its last
+    checkpoint can bring the job down (gloo aborts on a peer's closed connection)."""
+    if is_enabled():
+        dist.barrier()
+        dist.destroy_process_group()

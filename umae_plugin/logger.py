@@ -57,7 +57,7 @@ class RunLog:
     """Rank 0's `log.txt` (one JSON line per epoch, as upstream) and TensorBoard writer."""
 
     def __init__(self, output_dir: str | os.PathLike | None, log_dir: str | os.PathLike | None, enabled: bool) -> None:
-        self.enabled = enabled and output_dir is not None
+        self.enabled = enabled and bool(output_dir)
         self.path = Path(output_dir) / "log.txt" if output_dir else None
         self.tb = None
         if enabled and log_dir:

@@ -17,12 +17,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from . import data
+from . import data, distributed
 from .engine_pretrain import OnlineProbe, evaluate_probe, fixed_images, measure_effective_rank, train_one_epoch, unwrap
 from .logger import RunLog
 from .optim import param_groups_weight_decay, resolve_lr
 from .registry import create_model
-from .runtime import Runtime, save_args, setup_runtime
+from .runtime import Runtime, get_rng_state, save_args, set_rng_state, setup_runtime
 
 log = logging.getLogger("umae")
 
@@ -81,35 +81,6 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def get_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """Random state at the end of an epoch, so that a resumed run draws the masks and
-    augmentations the uninterrupted run would have drawn (rank 0's state)."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor] | None) -> None:
-    if not state:
-        return
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _resume_path(resume: str, output_dir: str | None) -> Path | None:
-    if not resume:
-        return None
-    if resume == "auto":
-        found = ckpt.find_latest_checkpoint(output_dir) if output_dir and Path(output_dir).exists() else None
-        log.info("resume auto: %s", found or f"no checkpoint in {output_dir}, starting fresh")
-        return found
-    if not Path(resume).is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
-    return Path(resume)
-
-
 def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     """Pre-train, checkpoint and log as the upstream script does; returns the last epoch's stats."""
     rt: Runtime = setup_runtime(args.device, args.seed, args.amp)
@@ -153,7 +124,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
         probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.0)
 
     start_epoch = args.start_epoch
-    resume = _resume_path(args.resume, args.output_dir)
+    resume = ckpt.resolve_resume(args.resume, args.output_dir)
     if resume is not None:
         state = ckpt.torch_load(resume)
         model.load_state_dict(state["model"], strict=True)
@@ -229,4 +200,5 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     stats["wall_time_s"] = time.time() - start
     log.info("training time %.1f s", stats["wall_time_s"])
     run_log.close()
+    distributed.shutdown()
     return stats

@@ -80,6 +80,23 @@ def setup_runtime(device: str, seed: int, amp: str | None) -> Runtime:
     return Runtime(dev, resolve_amp(amp, dev), rank, distributed.get_world_size())
 
 
+def get_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """Random state at the end of an epoch, so that a resumed run draws the masks and
+    augmentations the uninterrupted run would have drawn (rank 0's state)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor] | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def save_args(args: argparse.Namespace, output_dir: str | os.PathLike) -> None:
     """The resolved arguments as `args.json` in the output folder (rank 0)."""
     path = Path(output_dir)
