@@ -65,7 +65,96 @@ def pixel_targets(imgs: torch.Tensor, p: int, norm_pix: bool) -> torch.Tensor:
     return target
 
 
-class MaskedAutoencoderViT(nn.Module):
+class ViTEncoderBase(nn.Module):
+    """The ViT encoder the masked-image models share: patch embedding, class token, fixed sin-cos
+    position table, timm `Block`s and the final norm. Its state-dict keys are the reference MAE
+    encoder's (and timm's), so every model built on it loads into the classifier of `models_vit`."""
+
+    def __init__(
+        self,
+        img_size: int,
+        patch_size: int,
+        in_chans: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        norm_layer: Callable[..., nn.Module],
+    ) -> None:
+        super().__init__()
+        self.in_chans = in_chans
+        self.feature_pool = "mean"
+        self.grad_checkpointing = False
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Fixed sin-cos table, stored in the state dict as the reference stores it.
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+        )
+        self.norm = norm_layer(embed_dim)
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.patch_embed.grid_size)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cls_token.shape[-1]
+
+    def _init_encoder(self) -> None:
+        """Sin-cos table, xavier-uniform patch projection viewed as a linear, normal(0.02) class
+        token; `_init_weights` then handles every linear and LayerNorm."""
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=True)[None])
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for blk in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def _encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens [N, L', D] (position added) -> normalised [N, 1 + L', D], class token first."""
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        return self.norm(self._run_blocks(self.blocks, torch.cat([cls, x], dim=1)))
+
+    def forward_features(self, imgs: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        """Pooled features [N, D] of unmasked images (no masking draw): what probes and
+        collapse diagnostics look at."""
+        latent = self._encode_tokens(self.patch_embed(imgs) + self.pos_embed[:, 1:, :])
+        return pool_latent(latent, pool or self.feature_pool)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, L, p*p*C] -> [N, C, H, W] for the model's (square or not) patch grid."""
+        return unpatchify(x, self.patch_size, self.grid_size)
+
+
+class MaskedAutoencoderViT(ViTEncoderBase):
     """Masked autoencoder with a ViT encoder and a light ViT decoder (He et al., 2022)."""
 
     def __init__(
@@ -83,22 +172,9 @@ class MaskedAutoencoderViT(nn.Module):
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         norm_pix_loss: bool = False,
     ) -> None:
-        super().__init__()
-        self.in_chans = in_chans
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_layer)
         self.norm_pix_loss = norm_pix_loss
-        self.feature_pool = "mean"
-        self.grad_checkpointing = False
-
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        # Fixed sin-cos tables, stored in the state dict as the reference stores them.
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
-        )
-        self.norm = norm_layer(embed_dim)
-
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(
@@ -115,56 +191,23 @@ class MaskedAutoencoderViT(nn.Module):
 
         self.initialize_weights()
 
-    @property
-    def patch_size(self) -> int:
-        return self.patch_embed.patch_size[0]
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return tuple(self.patch_embed.grid_size)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.cls_token.shape[-1]
-
     def initialize_weights(self) -> None:
         """The reference scheme: sin-cos tables, xavier-uniform linears (the patch projection
         viewed as a linear), zero biases, unit LayerNorms, normal(0.02) class and mask tokens."""
+        self._init_encoder()
         with torch.no_grad():
-            self.pos_embed.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=True)[None])
             self.decoder_pos_embed.copy_(
                 sincos_2d(self.decoder_pos_embed.shape[-1], self.grid_size, cls_token=True)[None]
             )
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "decoder_pos_embed", "cls_token", "mask_token"}
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass instead of storing its activations."""
-        self.grad_checkpointing = enable
-
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> [N, L, p*p*C], patches row-major, channels last within a patch."""
         return patchify(imgs, self.patch_size)
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, L, p*p*C] -> [N, C, H, W] for the model's (square or not) patch grid."""
-        return unpatchify(x, self.patch_size, self.grid_size)
 
     def random_masking(
         self, x: torch.Tensor, mask_ratio: float
@@ -185,36 +228,14 @@ class MaskedAutoencoderViT(nn.Module):
         mask = torch.gather(mask, 1, ids_restore)
         return x_kept, mask, ids_restore
 
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for blk in blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
-
-    def _encode(self, x: torch.Tensor, mask_ratio: float | None):
-        x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
-        mask = ids_restore = None
-        if mask_ratio is not None:
-            x, mask, ids_restore = self.random_masking(x, mask_ratio)
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        x = self.norm(self._run_blocks(self.blocks, x))
-        return x, mask, ids_restore
-
     def forward_encoder(
         self, x: torch.Tensor, mask_ratio: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[N, C, H, W] -> (latent [N, 1 + L_keep, D] after the final norm, class token first,
         mask [N, L], ids_restore [N, L])."""
-        return self._encode(x, mask_ratio)
-
-    def forward_features(self, imgs: torch.Tensor, pool: str | None = None) -> torch.Tensor:
-        """Pooled features [N, D] of unmasked images (no masking draw): what probes and
-        collapse diagnostics look at."""
-        latent, _, _ = self._encode(imgs, None)
-        return pool_latent(latent, pool or self.feature_pool)
+        x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio)
+        return self._encode_tokens(x), mask, ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent [N, 1 + L_keep, D] -> pixel predictions [N, L, p*p*C] (class token dropped)."""

@@ -16,13 +16,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from timm.layers import PatchEmbed
-from timm.models.vision_transformer import Block
-from torch.utils.checkpoint import checkpoint
 
-from .models_mae import ARCHS, MaskedAutoencoderViT, pixel_targets, pool_latent, unpatchify
+from .models_mae import ARCHS, ViTEncoderBase, pixel_targets, pool_latent
 from .models_umae import UniformityMixin
-from .pos_embed import sincos_2d
 
 
 def block_mask(n: int, grid: tuple[int, int], mask_ratio: float, block: int, device=None) -> torch.Tensor:
@@ -38,7 +34,7 @@ def block_mask(n: int, grid: tuple[int, int], mask_ratio: float, block: int, dev
     return mask.repeat_interleave(block, 1).repeat_interleave(block, 2).reshape(n, gh * gw)
 
 
-class SimMIMViT(nn.Module):
+class SimMIMViT(ViTEncoderBase):
     """SimMIM pre-training model. `forward(imgs, mask_ratio=0.6)` -> (loss, pred [N, L, p*p*C],
     mask [N, L]) and, with `return_terms`, the `loss_mim` term and pooled `features`."""
 
@@ -55,63 +51,24 @@ class SimMIMViT(nn.Module):
         norm_pix_loss: bool = False,
         mask_block: int = 2,
     ) -> None:
-        super().__init__()
-        self.in_chans = in_chans
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_layer)
         self.norm_pix_loss = norm_pix_loss
         self.mask_block = mask_block
-        self.feature_pool = "mean"
-        self.grad_checkpointing = False
-
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
-        )
-        self.norm = norm_layer(embed_dim)
         self.decoder_pred = nn.Linear(embed_dim, patch_size**2 * in_chans)
-        self.initialize_weights()
-
-    patch_size = property(lambda self: self.patch_embed.patch_size[0])
-    grid_size = property(lambda self: tuple(self.patch_embed.grid_size))
-    embed_dim = property(lambda self: self.cls_token.shape[-1])
-
-    def initialize_weights(self) -> None:
-        """As the MAE encoder: sin-cos table, xavier linears, normal(0.02) tokens."""
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=True)[None])
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.cls_token, std=0.02)
+        self._init_encoder()
         nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(MaskedAutoencoderViT._init_weights)
+        self.apply(self._init_weights)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "mask_token"}
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        return unpatchify(x, self.patch_size, self.grid_size)
-
-    def _encode(self, imgs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _encode(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked patches' embeddings replaced by the mask token -> normalised [N, 1 + L, D]."""
         x = self.patch_embed(imgs)
-        if mask is not None:
-            w = mask.unsqueeze(-1).to(x.dtype)
-            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        x = x + self.pos_embed[:, 1:, :]
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() else blk(x)
-        return self.norm(x)
-
-    def forward_features(self, imgs: torch.Tensor, pool: str | None = None) -> torch.Tensor:
-        """Pooled features [N, D] of unmasked images."""
-        return pool_latent(self._encode(imgs, None), pool or self.feature_pool)
+        w = mask.unsqueeze(-1).to(x.dtype)
+        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        return self._encode_tokens(x + self.pos_embed[:, 1:, :])
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """L1 between predicted and true pixels, averaged over the pixels of masked patches only."""
