@@ -37,7 +37,7 @@ for run in mae:0 umae:0.01; do
         --output_dir "$OUT/$name" --log_dir "$OUT/$name" --resume auto
     # Linear probe with mean pooling (U-MAE's pooling) on cached features of unaugmented images.
     python main_linprobe.py --model vit_tiny_patch16 --finetune "$OUT/$name/checkpoint-last.pth" \
-        --global_pool --cache_features --dataset imagefolder --data_path "$DATA" \
+        --global_pool --cache_features --dataset imagefolder --data_path "$DATA" --nb_classes 10 \
         --epochs 100 --warmup_epochs 10 --batch_size 256 --lr 1.0 --device "$DEVICE" \
         --num_workers "$WORKERS" --output_dir "$OUT/$name/linprobe" --log_dir "$OUT/$name/linprobe"
 done
