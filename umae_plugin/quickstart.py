@@ -117,7 +117,10 @@ def main() -> None:
     rows = [("lambda_unif", "{:g}"), ("loss_mae", "{:.4f}"), ("loss_unif", "{:.4f}"), ("erank_val", "{:.2f}"),
             ("linear_acc1", "{:.2%}"), ("knn_acc1", "{:.2%}"), ("online_probe_acc1", "{:.2%}"), ("wall_time_s", "{:.0f}")]
     lines = ["| metric | MAE | U-MAE |", "|---|---|---|"]
-    lines += [f"| {k} | {fmt.format(results['MAE'][k])} | {fmt.format(results['U-MAE'][k])} |" for k, fmt in rows]
+    def cell(value: float, fmt: str) -> str:
+        return "-" if value != value else fmt.format(value)  # NaN: the term is off
+
+    lines += [f"| {k} | {cell(results['MAE'][k], fmt)} | {cell(results['U-MAE'][k], fmt)} |" for k, fmt in rows]
     table = "\n".join(lines)
     print(f"\ndigits, {args.epochs} pre-training epochs each (erank: effective rank of the val features)\n")
     print(table)
