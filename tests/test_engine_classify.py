@@ -9,7 +9,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, TensorDataset
 
 from umae_plugin.engine_classify import evaluate, train_one_epoch
-from umae_plugin.engine_pretrain import NonFiniteLossError
+from umae_plugin.train_step import NonFiniteLossError
 
 SCHEDULE = dict(lr=0.1, min_lr=0.0, warmup_epochs=1, epochs=4)
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from umae_plugin import linprobe_cached
-from umae_plugin.engine_pretrain import NonFiniteLossError
+from umae_plugin.train_step import NonFiniteLossError
 from umae_plugin.linprobe_cached import evaluate_head, extract_features, knn_accuracy, train_linear_head
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .engine_pretrain import check_finite
+from .train_step import accumulation_context, backward, check_finite, optimizer_step
 from .logger import Meters, RunLog, progress
 from .metrics import topk_correct
 from .optim import adjust_learning_rate
@@ -67,24 +67,13 @@ def train_one_epoch(
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         update = (step + 1) % accum_iter == 0
-        sync = contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with accumulation_context(model, update):
             with autocast():
                 loss = criterion(model(images), targets)
             bad |= ~torch.isfinite(loss.detach())
-            scaled = loss / accum_iter
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            backward(loss, accum_iter, scaler)
         if update:
-            if scaler is not None and clip_grad is not None:
-                scaler.unscale_(optimizer)
-            if clip_grad is not None:
-                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scaler, clip_grad)
         meters.update(loss=loss, lr=current_lr)
 
         if (step + 1) % print_freq == 0:

@@ -15,12 +15,9 @@ from . import distributed
 from .logger import Meters, RunLog, progress
 from .metrics import effective_rank, topk_correct
 from .optim import adjust_learning_rate
+from .train_step import accumulation_context, backward, check_finite, optimizer_step
 
 log = logging.getLogger("umae")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or infinite: training stops before any checkpoint is written."""
 
 
 class OnlineProbe(nn.Module):
@@ -41,15 +38,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
-
-
-def check_finite(bad: torch.Tensor, where: str) -> None:
-    """Raise if the device-side flag says a loss was non-finite (one host sync)."""
-    if bool(bad.item()):
-        raise NonFiniteLossError(
-            f"non-finite loss {where}: stopping. No checkpoint was written after it; the last one in "
-            "the output folder is intact. Lower the learning rate, or try --amp bf16 / none."
-        )
 
 
 def train_one_epoch(
@@ -86,20 +74,13 @@ def train_one_epoch(
             lr = adjust_learning_rate(optimizer, epoch + step / steps, **schedule)
         imgs = imgs.to(device, non_blocking=True)
         update = (step + 1) % accum_iter == 0 or step + 1 == steps
-        sync = contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with accumulation_context(model, update):
             with autocast():
                 loss, _, _, terms = model(imgs, mask_ratio, return_terms=True)
             bad |= ~torch.isfinite(loss.detach())
-            scaled = loss / accum_iter
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            backward(loss, accum_iter, scaler)
         if update:
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scaler)
 
         values = {k: v for k, v in terms.items() if k.startswith("loss")}
         values["loss"] = loss

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import distributed
-from .engine_pretrain import check_finite
+from .train_step import check_finite
 from .logger import progress
 from .metrics import topk_correct
 from .optim import adjust_learning_rate, build_lars
