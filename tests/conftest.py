@@ -12,6 +12,14 @@ def reference_cases():
     return torch.load(DATA / "reference_tiny.pt", weights_only=True)
 
 
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A small synthetic ImageFolder (3 classes x 8 images per split) for the scripts' tests."""
+    from umae_plugin.data import make_synthetic_imagefolder
+
+    return make_synthetic_imagefolder(tmp_path_factory.mktemp("data"), num_classes=3, per_class=8)
+
+
 @pytest.fixture
 def tiny_kwargs():
     """A 32-px ViT small enough for CPU tests in milliseconds."""

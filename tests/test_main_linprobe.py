@@ -10,7 +10,6 @@ import torch
 import main_linprobe
 from umae_plugin import checkpoint as ckpt
 from umae_plugin import classify
-from umae_plugin.data import make_synthetic_imagefolder
 from umae_plugin.optim import build_lars
 from umae_plugin.registry import create_model
 
@@ -25,11 +24,6 @@ def pretrained(tmp_path_factory):
     torch.manual_seed(1)
     torch.save({"model": create_model("mae_vit_micro").state_dict(), "epoch": 9}, path)
     return path
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_synthetic_imagefolder(tmp_path_factory.mktemp("data"), num_classes=3, per_class=8)
 
 
 def parse(*argv):

@@ -143,15 +143,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.checkpoints:
         labels = _labels(args.labels, [f"{Path(p).parent.name}/{Path(p).stem}" for p in args.checkpoints], "checkpoints")
         device = F.device_from(args.device)
-        datasets: dict[int, Any] = {}
         indices = None
         entries = []
-        for label, path in zip(labels, args.checkpoints):
-            lm = F.load_model(path, model=args.model, input_size=args.input_size, patch_size=args.patch_size,
-                              device=device)
-            if lm.input_size not in datasets:
-                datasets[lm.input_size] = F.build_eval_dataset(args.dataset, args.data_path, args.split, lm.input_size)
-            ds = datasets[lm.input_size]
+        for label, path, lm, ds in F.models_with_data(args, labels, device):
             if indices is None:  # the same images for every checkpoint
                 indices = F.random_indices(len(ds), args.num_samples, args.seed)
             feats, _ = F.extract_features(lm.model, ds, indices, device=device, batch_size=args.batch_size,

@@ -326,3 +326,14 @@ def extract_features(
         labels.append(torch.as_tensor(y))
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+def models_with_data(args: argparse.Namespace, labels: Sequence[str], device: torch.device):
+    """Yield (label, path, loaded model, eval dataset) for each of `args.checkpoints`; datasets are
+    built once per input size, so checkpoints of the same size see the very same images."""
+    datasets: dict[int, Any] = {}
+    for label, path in zip(labels, args.checkpoints):
+        lm = load_model(path, model=args.model, input_size=args.input_size, patch_size=args.patch_size, device=device)
+        if lm.input_size not in datasets:
+            datasets[lm.input_size] = build_eval_dataset(args.dataset, args.data_path, args.split, lm.input_size)
+        yield label, path, lm, datasets[lm.input_size]

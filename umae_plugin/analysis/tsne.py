@@ -103,15 +103,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = F.device_from(args.device)
-    datasets: dict[int, Any] = {}
     indices = class_labels = None
     panels = []
-    for label, path in zip(labels_given, args.checkpoints):
-        lm = F.load_model(path, model=args.model, input_size=args.input_size, patch_size=args.patch_size,
-                          device=device)
-        if lm.input_size not in datasets:
-            datasets[lm.input_size] = F.build_eval_dataset(args.dataset, args.data_path, args.split, lm.input_size)
-        ds = datasets[lm.input_size]
+    for label, path, lm, ds in F.models_with_data(args, labels_given, device):
         if indices is None:
             indices = F.per_class_indices(F.targets_of(ds), args.num_classes, args.per_class, args.seed)
         feats, class_labels_t = F.extract_features(lm.model, ds, indices, device=device, batch_size=args.batch_size,
