@@ -12,69 +12,66 @@ The patch size defaults to the --finetune (or --resume) checkpoint's.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from umae_plugin import classify
-from umae_plugin.runtime import accept_local_rank_alias
+from umae_plugin import classify, cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MAE fine-tuning for image classification", add_help=False)
-    parser.add_argument("--batch_size", default=64, type=int,
-                        help="batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
-    parser.add_argument("--epochs", default=50, type=int)
-    parser.add_argument("--accum_iter", default=1, type=int,
-                        help="accumulate gradient iterations (for increasing the effective batch size under memory constraints)")
+    parser = cli.new_parser("MAE fine-tuning for image classification")
+    g = cli.groups(parser, cli.MODEL, cli.OPTIM, cli.AUGMENT, cli.DATA, cli.RUN, cli.LOGGING, cli.DIST)
 
-    # model
-    parser.add_argument("--model", default="vit_large_patch16", type=str, metavar="MODEL",
-                        help="name of model to train (vit_*, or the mae_vit_* / umae_vit_* it was pre-trained as)")
-    parser.add_argument("--input_size", default=224, type=int, help="images input size")
-    parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate (default: 0.1)")
+    m = g[cli.MODEL]
+    m.add_argument("--model", default="vit_large_patch16", type=str, metavar="MODEL",
+                   help="Name of model to train: vit_*, or the mae_vit_* / umae_vit_* / simmim_vit_* name it "
+                        "was pre-trained as")
+    m.add_argument("--input_size", default=224, type=int, help="images input size")
+    m.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="Drop path rate")
+    cli.add_classification_arguments(g, global_pool=True)
 
-    # optimizer
-    parser.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: None, no clipping)")
-    parser.add_argument("--weight_decay", type=float, default=0.05, help="weight decay (default: 0.05)")
-    parser.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
-    parser.add_argument("--blr", type=float, default=1e-3, metavar="LR",
-                        help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
-    parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
-    parser.add_argument("--min_lr", type=float, default=1e-6, metavar="LR", help="lower lr bound for cyclic schedulers that hit 0")
-    parser.add_argument("--warmup_epochs", type=int, default=5, metavar="N", help="epochs to warmup LR")
+    o = g[cli.OPTIM]
+    o.add_argument("--batch_size", default=64, type=int,
+                   help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
+    o.add_argument("--epochs", default=50, type=int, help="training epochs")
+    o.add_argument("--accum_iter", default=1, type=int,
+                   help="Accumulate gradient iterations (for increasing the effective batch size under memory constraints)")
+    o.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="Clip gradient norm (None: no clipping)")
+    o.add_argument("--weight_decay", type=float, default=0.05, help="weight decay")
+    o.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
+    o.add_argument("--blr", type=float, default=1e-3, metavar="LR",
+                   help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
+    o.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
+    o.add_argument("--min_lr", type=float, default=1e-6, metavar="LR", help="lower lr bound for cyclic schedulers that hit 0")
+    o.add_argument("--warmup_epochs", type=int, default=5, metavar="N", help="epochs to warmup LR")
+    o.add_argument("--smoothing", type=float, default=0.1, help="Label smoothing")
 
-    # augmentation
-    parser.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
-                        help="color jitter factor (enabled only when not using Auto/RandAug)")
-    parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
-                        help='use AutoAugment policy. "v0" or "original". " + "(default: rand-m9-mstd0.5-inc1)')
-    parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+    a = g[cli.AUGMENT]
+    a.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
+                   help="Color jitter factor (enabled only when not using Auto/RandAug)")
+    a.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
+                   help='Use AutoAugment policy. "v0" or "original", or a RandAugment string')
+    a.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="Random erase prob")
+    a.add_argument("--remode", type=str, default="pixel", help="Random erase mode")
+    a.add_argument("--recount", type=int, default=1, help="Random erase count")
+    a.add_argument("--resplit", action="store_true", default=False,
+                   help="Do not random erase first (clean) augmentation split (accepted; no effect, as upstream)")
+    a.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0.")
+    a.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0.")
+    a.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
+                   help="cutmix min/max ratio, overrides alpha and enables cutmix if set")
+    a.add_argument("--mixup_prob", type=float, default=1.0,
+                   help="Probability of performing mixup or cutmix when either/both is enabled")
+    a.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                   help="Probability of switching to cutmix when both mixup and cutmix enabled")
+    a.add_argument("--mixup_mode", type=str, default="batch",
+                   help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
 
-    # random erase
-    parser.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erase prob (default: 0.25)")
-    parser.add_argument("--remode", type=str, default="pixel", help='random erase mode (default: "pixel")')
-    parser.add_argument("--recount", type=int, default=1, help="random erase count (default: 1)")
-    parser.add_argument("--resplit", action="store_true", default=False,
-                        help="do not random erase first (clean) augmentation split (accepted; no effect, as upstream)")
-
-    # mixup
-    parser.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0.")
-    parser.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0.")
-    parser.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
-                        help="cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)")
-    parser.add_argument("--mixup_prob", type=float, default=1.0,
-                        help="probability of performing mixup or cutmix when either/both is enabled")
-    parser.add_argument("--mixup_switch_prob", type=float, default=0.5,
-                        help="probability of switching to cutmix when both mixup and cutmix enabled")
-    parser.add_argument("--mixup_mode", type=str, default="batch",
-                        help='how to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
-
-    # finetuning
-    parser.add_argument("--finetune", default="", help="finetune from checkpoint (any MAE / U-MAE / timm format)")
-    parser.add_argument("--global_pool", action="store_true")
-    parser.set_defaults(global_pool=True)
-    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
-                        help="use class token instead of global pool for classification")
-    return classify.add_common_arguments(parser)
+    cli.add_data_arguments(g[cli.DATA], "dataset path (imagefolder: holds train/ and val/; cifar10: its root)")
+    cli.add_loader_arguments(g[cli.DATA])
+    parser.set_defaults(pin_mem=True)
+    cli.add_runtime_arguments(g[cli.RUN])
+    cli.add_logging_arguments(g[cli.LOGGING], "resume from checkpoint, or 'auto' for the newest complete one in --output_dir")
+    cli.add_distributed_arguments(g[cli.DIST])
+    return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -90,9 +87,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("MAE fine-tuning for image classification", parents=[get_args_parser()])
-    args = parser.parse_args(accept_local_rank_alias(sys.argv[1:]))
-    try:
-        main(args)
-    except classify.USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+    cli.run_main(get_args_parser, main, classify.USER_ERRORS)

@@ -12,40 +12,44 @@ on features of unaugmented images computed once (minutes on a CPU) and adds weig
 from __future__ import annotations
 
 import argparse
-import sys
 
-from umae_plugin import classify
-from umae_plugin.runtime import accept_local_rank_alias
+from umae_plugin import classify, cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MAE linear probing for image classification", add_help=False)
-    parser.add_argument("--batch_size", default=512, type=int,
-                        help="batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
-    parser.add_argument("--epochs", default=90, type=int)
-    parser.add_argument("--accum_iter", default=1, type=int,
-                        help="accumulate gradient iterations (for increasing the effective batch size under memory constraints)")
+    parser = cli.new_parser("MAE linear probing for image classification")
+    g = cli.groups(parser, cli.MODEL, cli.OPTIM, cli.DATA, cli.RUN, cli.LOGGING, cli.DIST)
 
-    parser.add_argument("--model", default="vit_large_patch16", type=str, metavar="MODEL",
-                        help="name of model to train (vit_*, or the mae_vit_* / umae_vit_* it was pre-trained as)")
-    parser.add_argument("--input_size", default=None, type=int,
-                        help="images input size (default: the --finetune checkpoint's, else 224)")
+    m = g[cli.MODEL]
+    m.add_argument("--model", default="vit_large_patch16", type=str, metavar="MODEL",
+                   help="Name of model to train: vit_*, or the mae_vit_* / umae_vit_* / simmim_vit_* name it "
+                        "was pre-trained as")
+    m.add_argument("--input_size", default=None, type=int,
+                   help="images input size (None: the --finetune / --resume checkpoint's, else 224)")
+    cli.add_classification_arguments(g, global_pool=False)
+    m.add_argument("--cache_features", action="store_true",
+                   help="extract frozen features of unaugmented images once, train the probe on them, add k-NN accuracy")
 
-    parser.add_argument("--weight_decay", type=float, default=0, help="weight decay (default: 0 for linear probe following MoCo v1)")
-    parser.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
-    parser.add_argument("--blr", type=float, default=0.1, metavar="LR",
-                        help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
-    parser.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound for cyclic schedulers that hit 0")
-    parser.add_argument("--warmup_epochs", type=int, default=10, metavar="N", help="epochs to warmup LR")
+    o = g[cli.OPTIM]
+    o.add_argument("--batch_size", default=512, type=int,
+                   help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
+    o.add_argument("--epochs", default=90, type=int, help="training epochs")
+    o.add_argument("--accum_iter", default=1, type=int,
+                   help="Accumulate gradient iterations (for increasing the effective batch size under memory constraints)")
+    o.add_argument("--weight_decay", type=float, default=0, help="weight decay (0 for linear probe following MoCo v1)")
+    o.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
+    o.add_argument("--blr", type=float, default=0.1, metavar="LR",
+                   help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
+    o.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound for cyclic schedulers that hit 0")
+    o.add_argument("--warmup_epochs", type=int, default=10, metavar="N", help="epochs to warmup LR")
 
-    parser.add_argument("--finetune", default="", help="probe the encoder of this checkpoint (any MAE / U-MAE / timm format)")
-    parser.add_argument("--global_pool", action="store_true", help="average the patch tokens (then fc_norm)")
-    parser.set_defaults(global_pool=False)
-    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
-                        help="use class token instead of global pool for classification")
-    parser.add_argument("--cache_features", action="store_true",
-                        help="extract frozen features of unaugmented images once, train the probe on them, add k-NN accuracy")
-    return classify.add_common_arguments(parser)
+    cli.add_data_arguments(g[cli.DATA], "dataset path (imagefolder: holds train/ and val/; cifar10: its root)")
+    cli.add_loader_arguments(g[cli.DATA])
+    parser.set_defaults(pin_mem=True)
+    cli.add_runtime_arguments(g[cli.RUN])
+    cli.add_logging_arguments(g[cli.LOGGING], "resume from checkpoint, or 'auto' for the newest complete one in --output_dir")
+    cli.add_distributed_arguments(g[cli.DIST])
+    return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -61,9 +65,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("MAE linear probing for image classification", parents=[get_args_parser()])
-    args = parser.parse_args(accept_local_rank_alias(sys.argv[1:]))
-    try:
-        main(args)
-    except classify.USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+    cli.run_main(get_args_parser, main, classify.USER_ERRORS)

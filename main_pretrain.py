@@ -8,77 +8,78 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from umae_plugin.data import DATASETS, DataError
+from umae_plugin import cli
+from umae_plugin.data import DataError
+from umae_plugin.distributed import LaunchError
 from umae_plugin.models_mae import FEATURE_POOLS
 from umae_plugin.pretrain import default_lambda, default_mask_ratio, run_pretrain
-from umae_plugin.runtime import AMP_DTYPES, accept_local_rank_alias
+from umae_plugin.runtime import DeviceError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MAE / U-MAE pre-training", add_help=False)
-    parser.add_argument("--batch_size", default=64, type=int, help="batch size per GPU (effective: batch_size * accum_iter * GPUs)")
-    parser.add_argument("--epochs", default=400, type=int)
-    parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    parser = cli.new_parser("MAE / U-MAE pre-training")
+    g = cli.groups(parser, cli.MODEL, cli.UNIFORMITY, cli.OPTIM, cli.DATA, cli.RUN, cli.LOGGING, cli.DIST)
 
-    parser.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL",
-                        help="mae_vit_*, umae_vit_*, simmim_vit_*, usimmim_vit_* (tiny/small/base/large_patch16, huge_patch14)")
-    parser.add_argument("--input_size", default=224, type=int, help="image size")
-    parser.add_argument("--patch_size", default=None, type=int, help="patch size (default: the model's); 4 for 32-px images")
-    parser.add_argument("--mask_ratio", default=None, type=float,
-                        help="fraction of patches removed (default: 0.75; 0.6 for SimMIM models)")
-    parser.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixels as targets")
+    m = g[cli.MODEL]
+    m.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL",
+                   help="Name of model to train: mae_vit_*, umae_vit_*, simmim_vit_*, usimmim_vit_* "
+                        "(tiny/small/base/large_patch16, huge_patch14; _dec512d8b aliases)")
+    m.add_argument("--input_size", default=224, type=int, help="images input size")
+    m.add_argument("--patch_size", default=None, type=int, help="patch size (None: the model's); 4 suits 32-px images")
+    m.add_argument("--mask_ratio", default=cli.DefaultMaskRatio(), type=float,
+                   help="Masking ratio (percentage of removed patches); SimMIM models get 0.6 when the flag is not given")
+    m.add_argument("--norm_pix_loss", action="store_true",
+                   help="Use (per-patch) normalized pixels as targets for computing loss")
     parser.set_defaults(norm_pix_loss=False)
-    parser.add_argument("--embed_dim", default=None, type=int, help="encoder width override (small experiments)")
-    parser.add_argument("--depth", default=None, type=int, help="encoder depth override")
-    parser.add_argument("--num_heads", default=None, type=int, help="encoder heads override")
-    parser.add_argument("--decoder_embed_dim", default=None, type=int)
-    parser.add_argument("--decoder_depth", default=None, type=int)
-    parser.add_argument("--decoder_num_heads", default=None, type=int)
-    parser.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (large models, small GPUs)")
+    m.add_argument("--embed_dim", default=None, type=int, help="encoder width (None: the model's)")
+    m.add_argument("--depth", default=None, type=int, help="encoder blocks (None: the model's)")
+    m.add_argument("--num_heads", default=None, type=int, help="encoder attention heads (None: the model's)")
+    m.add_argument("--decoder_embed_dim", default=None, type=int, help="decoder width (None: the model's)")
+    m.add_argument("--decoder_depth", default=None, type=int, help="decoder blocks (None: the model's)")
+    m.add_argument("--decoder_num_heads", default=None, type=int, help="decoder attention heads (None: the model's)")
+    m.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (large models, small GPUs)")
+    m.add_argument("--init_from", default="", help="start from the weights of any checkpoint the loader accepts")
 
-    parser.add_argument("--lambda_unif", "--lamb", dest="lambda_unif", default=None, type=float,
-                        help="weight of the uniformity term (default: 0.01 for umae_* models, 0 for mae_*)")
-    parser.add_argument("--reg", default=None, choices=["none", "spectral", "entropy"],
-                        help="U-MAE reference flag: 'none' turns the uniformity term off; the others keep it")
-    parser.add_argument("--unif_pool", default="mean", choices=FEATURE_POOLS, help="features the uniformity term sees")
+    u = g[cli.UNIFORMITY]
+    u.add_argument("--lambda_unif", "--lamb", dest="lambda_unif", default=None, type=float,
+                   help="weight of the uniformity term (None: 0.01 for umae_* / usimmim_* models, 0 for mae_* / simmim_*)")
+    u.add_argument("--reg", default=None, choices=["none", "spectral", "entropy"],
+                   help="U-MAE reference flag: 'none' turns the uniformity term off; the others keep it")
+    u.add_argument("--unif_pool", default="mean", choices=FEATURE_POOLS,
+                   help="encoder features the uniformity term sees: mean of the patch tokens, or the class token")
 
-    parser.add_argument("--weight_decay", type=float, default=0.05)
-    parser.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute lr (default: blr * effective batch / 256)")
-    parser.add_argument("--blr", type=float, default=1e-3, metavar="LR", help="base lr")
-    parser.add_argument("--min_lr", type=float, default=0.0, metavar="LR")
-    parser.add_argument("--warmup_epochs", type=int, default=40, metavar="N")
+    o = g[cli.OPTIM]
+    o.add_argument("--batch_size", default=64, type=int,
+                   help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
+    o.add_argument("--epochs", default=400, type=int, help="training epochs")
+    o.add_argument("--accum_iter", default=1, type=int,
+                   help="Accumulate gradient iterations (for increasing the effective batch size under memory constraints)")
+    o.add_argument("--weight_decay", type=float, default=0.05, help="weight decay")
+    o.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
+    o.add_argument("--blr", type=float, default=1e-3, metavar="LR",
+                   help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
+    o.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound for cyclic schedulers that hit 0")
+    o.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs to warmup LR")
 
-    parser.add_argument("--dataset", default="imagefolder", choices=DATASETS)
-    parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str)
-    parser.add_argument("--download", action="store_true", help="download CIFAR-10 into --data_path if absent")
-    parser.add_argument("--output_dir", default="./output_dir")
-    parser.add_argument("--log_dir", default="./output_dir", help="TensorBoard folder")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--resume", default="", help="checkpoint path, or 'auto' for the newest in --output_dir")
-    parser.add_argument("--init_from", default="", help="start from the weights of any checkpoint the loader accepts")
-    parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
-    parser.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-{epoch}.pth every N epochs")
-    parser.add_argument("--print_freq", default=20, type=int, help="log (and sync with the device) every N steps")
-    parser.add_argument("--num_workers", default=10, type=int)
-    parser.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
-    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    d = g[cli.DATA]
+    cli.add_data_arguments(d)
+    cli.add_loader_arguments(d)
     parser.set_defaults(pin_mem=True)
 
-    parser.add_argument("--amp", default=None, choices=list(AMP_DTYPES), help="autocast dtype (default: bf16 where supported)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--online_probe", action="store_true", help="train a linear probe on detached features alongside")
-    parser.add_argument("--val-interval", "--val_interval", dest="val_interval", default=1, type=int,
-                        help="evaluate the online probe every N epochs")
-    parser.add_argument("--erank_freq", default=1, type=int, help="effective rank of 100 fixed val images every N epochs (0: off)")
-    parser.add_argument("--erank_samples", default=100, type=int)
+    cli.add_runtime_arguments(g[cli.RUN])
 
-    parser.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
-    parser.add_argument("--local_rank", default=-1, type=int)
-    parser.add_argument("--dist_on_itp", action="store_true")
-    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    lg = g[cli.LOGGING]
+    cli.add_logging_arguments(lg, "resume from checkpoint, or 'auto' for the newest complete one in --output_dir")
+    lg.add_argument("--online_probe", action="store_true",
+                    help="train a linear probe on detached features alongside (paper appendix B.5)")
+    lg.add_argument("--val-interval", "--val_interval", dest="val_interval", default=1, type=int,
+                    help="evaluate the online probe every N epochs")
+    lg.add_argument("--erank_freq", default=1, type=int,
+                    help="effective rank of --erank_samples fixed val images every N epochs (0: off)")
+    lg.add_argument("--erank_samples", default=100, type=int, help="images the effective rank is measured on")
+
+    cli.add_distributed_arguments(g[cli.DIST])
     return parser
 
 
@@ -86,8 +87,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     """Resolve defaults that depend on other flags and refuse values that cannot work."""
     if args.lambda_unif is None:
         args.lambda_unif = default_lambda(args.model)
-    if args.mask_ratio is None:
+    if isinstance(args.mask_ratio, cli.DefaultMaskRatio):  # not on the command line
         args.mask_ratio = default_mask_ratio(args.model)
+    args.mask_ratio = float(args.mask_ratio)
     if args.reg == "none":
         args.lambda_unif = 0.0
     if not 0.0 <= args.mask_ratio < 1.0:
@@ -109,9 +111,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("MAE / U-MAE pre-training", parents=[get_args_parser()])
-    args = parser.parse_args(accept_local_rank_alias(sys.argv[1:]))
-    try:
-        main(args)
-    except (DataError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    cli.run_main(get_args_parser, main, (DataError, DeviceError, LaunchError, FileNotFoundError))

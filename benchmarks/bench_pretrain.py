@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from umae_plugin.optim import param_groups_weight_decay
 from umae_plugin.pretrain import build_pretrain_model
-from umae_plugin.runtime import AMP_DTYPES, Runtime, resolve_amp, resolve_device
+from umae_plugin.registry import classifier_arch, pretrain_name
+from umae_plugin.runtime import AMP_DTYPES, DeviceError, Runtime, resolve_amp, resolve_device
 
 # Dense bf16 / fp16 tensor-core peaks (FLOP/s) by device-name fragment, from the vendors' sheets.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "V100": 125e12}
@@ -50,8 +52,9 @@ def get_args() -> argparse.Namespace:
 
 def build(args, lambda_unif, device):
     torch.manual_seed(0)
+    name = pretrain_name("mae", False, classifier_arch(args.model))  # --model: vit_* (or any name of that encoder)
     model = build_pretrain_model(
-        f"mae_{args.model}", lambda_unif=lambda_unif, img_size=args.input_size, patch_size=args.patch_size,
+        name, lambda_unif=lambda_unif, img_size=args.input_size, patch_size=args.patch_size,
         decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
         decoder_num_heads=args.decoder_num_heads,
     ).to(device)
@@ -127,4 +130,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DeviceError as err:  # --device cuda without a GPU: no silent CPU benchmark
+        sys.exit(f"error: {err}")

@@ -1,16 +1,20 @@
 import logging
+import math
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from umae_plugin import data
 from umae_plugin.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataError,
+    RandomResizedCropNoRetry,
     build_dataset,
     build_loader,
     eval_transform,
@@ -51,6 +55,99 @@ def test_transforms_give_square_tensors(make):
     img = Image.new("RGB", (40, 30), (10, 200, 30))
     out = make(16)(img)
     assert isinstance(out, torch.Tensor) and out.shape == (3, 16, 16)
+
+
+def _by_hand(H, W, scale, ratio):
+    """The reference crop's draws, written out: area, log aspect, top, left (in that order)."""
+    target_area = H * W * torch.empty(1).uniform_(scale[0], scale[1]).item()
+    aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item())
+    w = min(round(math.sqrt(target_area * aspect)), W)
+    h = min(round(math.sqrt(target_area / aspect)), H)
+    i = torch.randint(0, H - h + 1, size=(1,)).item()
+    j = torch.randint(0, W - w + 1, size=(1,)).item()
+    return i, j, h, w
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("scale, ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.2, 0.9), (0.5, 2.0))])
+def test_linprobe_crop_draws_equal_hand_computation_and_use_exactly_four_draws(seed, scale, ratio):
+    img = Image.new("RGB", (40, 30))  # W=40, H=30
+    torch.manual_seed(seed)
+    start = torch.get_rng_state()
+    got = RandomResizedCropNoRetry.get_params(img, scale, ratio)
+    after = torch.get_rng_state()
+    torch.set_rng_state(start)
+    expect = _by_hand(30, 40, scale, ratio)
+    assert got == expect
+    assert all(type(v) is int for v in got)
+    assert torch.equal(after, torch.get_rng_state())  # the four draws, no more, no fewer
+    # the same through a tensor image (C, H, W)
+    torch.set_rng_state(start)
+    assert RandomResizedCropNoRetry.get_params(torch.zeros(3, 30, 40), scale, ratio) == expect
+
+
+def test_linprobe_crop_many_draws_follow_the_hand_computation():
+    img = Image.new("RGB", (40, 30))
+    t = RandomResizedCropNoRetry(16)
+    assert t.scale == (0.08, 1.0) and t.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert t.interpolation == InterpolationMode.BICUBIC
+    torch.manual_seed(123)
+    got = [t.get_params(img, t.scale, t.ratio) for _ in range(200)]
+    torch.manual_seed(123)
+    assert got == [_by_hand(30, 40, t.scale, t.ratio) for _ in range(200)]
+
+
+def test_linprobe_crop_clamps_instead_of_retrying():
+    img = Image.new("RGB", (40, 30))  # W=40, H=30
+    torch.manual_seed(0)
+    for _ in range(50):
+        i, j, h, w = RandomResizedCropNoRetry.get_params(img, (0.5, 1.0), (10.0, 10.0))
+        assert w == 40 and j == 0 and 1 <= h <= 30 and 0 <= i <= 30 - h
+        i, j, h, w = RandomResizedCropNoRetry.get_params(img, (0.5, 1.0), (0.1, 0.1))
+        assert h == 30 and i == 0 and 1 <= w <= 40 and 0 <= j <= 40 - w
+    # the whole area at aspect 10 (w = 110 > 40) fits nowhere: torchvision's would draw 10 times,
+    # then center-crop h = round(40 / 10) = 4; ours draws once, clamps w to 40, h = round(sqrt(120))
+    torch.manual_seed(0)
+    start = torch.get_rng_state()
+    got = RandomResizedCropNoRetry.get_params(img, (1.0, 1.0), (10.0, 10.0))
+    after = torch.get_rng_state()
+    assert got[1:] == (0, 11, 40)
+    torch.set_rng_state(start)
+    assert _by_hand(30, 40, (1.0, 1.0), (10.0, 10.0)) == got
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 5), (5, 1), (2, 3)])
+def test_linprobe_crop_never_empty_on_tiny_images(size):
+    img = Image.new("RGB", size)
+    W, H = size
+    t = RandomResizedCropNoRetry(4)
+    torch.manual_seed(0)
+    for scale, ratio in [((1e-6, 1e-6), (3 / 4, 4 / 3)), ((0.08, 1.0), (3 / 4, 4 / 3)), ((1e-4, 0.01), (0.1, 10.0))]:
+        for _ in range(300):
+            i, j, h, w = t.get_params(img, scale, ratio)
+            assert 1 <= h <= H and 1 <= w <= W and 0 <= i <= H - h and 0 <= j <= W - w
+    assert t(img).size == (4, 4)
+
+
+def test_linprobe_train_transform_uses_the_no_retry_crop():
+    t = linprobe_transform(32, train=True)
+    crop = t.transforms[0]
+    assert type(crop) is RandomResizedCropNoRetry
+    assert isinstance(crop, transforms.RandomResizedCrop)
+    assert crop.size == (32, 32) and crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert crop.interpolation == InterpolationMode.BICUBIC
+    assert isinstance(t.transforms[1], transforms.RandomHorizontalFlip)
+    assert [type(x) for x in t.transforms[2:]] == [transforms.ToTensor, transforms.Normalize]
+    # forward goes through our get_params: same crop box as torchvision's resized_crop on it
+    img = Image.fromarray(np.arange(30 * 40 * 3, dtype=np.uint8).reshape(30, 40, 3))
+    torch.manual_seed(7)
+    start = torch.get_rng_state()
+    out = crop(img)
+    torch.set_rng_state(start)
+    i, j, h, w = _by_hand(30, 40, crop.scale, crop.ratio)
+    expect = transforms.functional.resized_crop(img, i, j, h, w, [32, 32], InterpolationMode.BICUBIC, antialias=True)
+    assert np.array_equal(np.asarray(out), np.asarray(expect))
 
 
 def test_eval_transform_resize_and_normalize():

@@ -1,6 +1,11 @@
 """Two gloo processes on the CPU: the U-MAE loss and DDP gradients equal one process on the
 concatenated batch (the U-MAE reference's gather would give the uniformity term 1/2 the weight)."""
+import os
 import socket
+import subprocess
+import sys
+
+import pytest
 
 import torch
 import torch.distributed as dist
@@ -86,4 +91,82 @@ def test_single_process_helpers():
     assert distributed.get_world_size() == 1 and distributed.is_main_process()
     x = torch.randn(3, 2)
     assert distributed.all_gather_with_grad(x) is x
-    assert distributed.init_distributed() is False
+    launch = distributed.init_distributed()
+    assert launch.world_size == 1 and not distributed.is_enabled()
+
+
+# ---------------------------------------------------------------------------------------------
+# launch paths: the reference's init_distributed_mode (torchrun env, --dist_on_itp, SLURM_PROCID)
+
+
+def test_launcher_environment_wins_and_names_the_ignored_flags():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "OMPI_COMM_WORLD_RANK": "0", "SLURM_PROCID": "5"}
+    launch = distributed.resolve_launch(env, dist_url="tcp://h:1", world_size=4, dist_on_itp=True)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.init_method) == (3, 8, 1, "env://")
+    assert launch.ignored == ("--dist_on_itp", "--dist_url tcp://h:1", "--world_size 4")
+    # the launcher's own values (submitit writes WORLD_SIZE into args) and the defaults are not "ignored"
+    assert distributed.resolve_launch(env, world_size=8).ignored == ()
+    assert distributed.resolve_launch(env).ignored == ()
+
+
+def test_dist_on_itp_reads_openmpi_variables():
+    env = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "MASTER_ADDR": "node7", "MASTER_PORT": "29500"}
+    launch = distributed.resolve_launch(env, dist_on_itp=True)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.init_method) == (5, 16, 1, "tcp://node7:29500")
+    with pytest.raises(distributed.LaunchError, match="MASTER_PORT"):
+        distributed.resolve_launch({k: v for k, v in env.items() if k != "MASTER_PORT"}, dist_on_itp=True)
+    assert distributed.resolve_launch(env).world_size == 1  # without the flag OpenMPI's variables mean nothing
+
+
+def test_slurm_procid_with_world_size_and_dist_url():
+    env = {"SLURM_PROCID": "2", "SLURM_LOCALID": "0"}
+    launch = distributed.resolve_launch(env, dist_url="tcp://n1:23456", world_size=4)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.init_method) == (2, 4, 0, "tcp://n1:23456")
+    with pytest.raises(distributed.LaunchError, match="MASTER_ADDR"):
+        distributed.resolve_launch(env, world_size=4)  # env:// with nothing to rendezvous at
+    with pytest.raises(distributed.LaunchError, match="not below --world_size"):
+        distributed.resolve_launch({"SLURM_PROCID": "4"}, dist_url="tcp://n1:1", world_size=4)
+    assert distributed.resolve_launch(env).world_size == 1  # one task under sbatch: a single process
+    with pytest.raises(distributed.LaunchError, match="4 tasks"):  # srun -n 4 without a world size
+        distributed.resolve_launch({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4"})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+JOIN = """
+import torch, torch.distributed as dist
+from umae_plugin import distributed
+launch = distributed.init_distributed(backend="gloo", dist_url={url!r}, world_size={world}, dist_on_itp={itp})
+t = torch.tensor([float(distributed.get_rank())])
+dist.all_reduce(t)
+print(distributed.get_rank(), distributed.get_world_size(), distributed.get_local_rank(), int(t.item()), flush=True)
+distributed.shutdown()
+"""
+
+
+@pytest.mark.parametrize("path", ["slurm", "itp"])
+def test_upstream_launch_paths_form_a_real_group(path):
+    """Two processes join through the flags alone (no torchrun): ranks 0 and 1 all-reduce 0 + 1."""
+    port = _free_port()
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "OMPI_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    procs = []
+    for rank in range(2):
+        env = dict(base)
+        if path == "slurm":
+            env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank))
+            code = JOIN.format(url=f"tcp://127.0.0.1:{port}", world=2, itp=False)
+        else:
+            env.update(OMPI_COMM_WORLD_RANK=str(rank), OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            code = JOIN.format(url="env://", world=1, itp=True)
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert sorted(out.split() for out, _ in outs) == [["0", "2", "0", "1"], ["1", "2", "1", "1"]]

@@ -109,6 +109,30 @@ def test_digits_epoch_then_eval(tmp_path, pretrained):
     assert not (tmp_path / "eval").exists()
 
 
+@pytest.mark.parametrize("model", ["simmim_vit_micro", "usimmim_vit_micro"])
+def test_simmim_checkpoint_by_its_pretraining_name(tmp_path, folder, model, monkeypatch):
+    """`--model [u]simmim_vit_*` (the README's promise) fine-tunes the `vit_*` of that encoder,
+    initialised from the SimMIM checkpoint's encoder."""
+    path = tmp_path / "simmim.pth"
+    torch.manual_seed(2)
+    source = create_model("simmim_vit_micro").state_dict()
+    torch.save({"model": source, "epoch": 0}, path)
+    seen = {}
+    build = classify.build_finetune_model
+
+    def spy(name, *a, **kw):
+        model = build(name, *a, **kw)
+        seen.update(name=name, init={k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(classify, "build_finetune_model", spy)
+    stats = main_finetune.main(ft_args(tmp_path / "out", "--aa", "", "--reprob", "0", model=model,
+                                       data_path=folder, finetune=path))
+    assert seen["name"] == "vit_micro" and 0 <= stats["acc1"] <= 1
+    key = "blocks.0.attn.qkv.weight"
+    assert torch.equal(seen["init"][key], source[key])
+
+
 def test_resume_auto_continues_with_the_saved_optimizer(tmp_path, folder, pretrained):
     out = tmp_path / "out"
     common = dict(data_path=folder, finetune=pretrained)

@@ -200,6 +200,12 @@ def test_model_names():
     assert classify.classifier_name("vit_huge_patch14") == "vit_huge_patch14"
     with pytest.raises(classify.ConfigError, match="mae_resnet50"):
         classify.classifier_name("mae_resnet50")
+    # The README's SimMIM names and the reference's MAE aliases, through registry.parse_model_name.
+    assert classify.classifier_name("simmim_vit_base_patch16") == "vit_base_patch16"
+    assert classify.classifier_name("usimmim_vit_base_patch16") == "vit_base_patch16"
+    assert classify.classifier_name("mae_vit_base_patch16_dec512d8b") == "vit_base_patch16"
+    with pytest.raises(classify.ConfigError, match="--model simmim_resnet50: no classifier named"):
+        classify.classifier_name("simmim_resnet50")
 
 
 def test_encoder_overrides_come_from_the_checkpoint_args(tmp_path, folder):

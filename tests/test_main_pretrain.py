@@ -117,10 +117,3 @@ def test_bad_flags_exit_with_message(flags, message):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr
-
-
-def test_local_rank_alias():
-    from umae_plugin.runtime import accept_local_rank_alias
-
-    args = parse(*accept_local_rank_alias(["--local-rank=3"]))
-    assert args.local_rank == 3

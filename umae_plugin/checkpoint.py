@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("umae.checkpoint")
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+|last)\.pth$")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -28,12 +27,11 @@ from .linprobe_cached import extract_features, knn_accuracy, train_linear_head
 from .logger import RunLog
 from .optim import build_lars, param_groups_layer_decay, resolve_lr
 from .runtime import get_rng_state, set_rng_state
-from .registry import create_model, list_models
-from .runtime import AMP_DTYPES, Runtime, save_args, setup_runtime
+from .registry import create_model, list_models, parse_model_name
+from .runtime import DeviceError, Runtime, record_args, setup_runtime
 
 log = logging.getLogger("umae")
 
-MAE_NAME = re.compile(r"u?mae_(vit_\w+)")
 KNN_K, KNN_TEMPERATURE = 20, 0.07
 MIXUP_MODES = ("batch", "pair", "elem")
 
@@ -43,60 +41,21 @@ class ConfigError(ValueError):
 
 
 # Errors a user fixes on the command line: the scripts print them without a traceback.
-USER_ERRORS = (ConfigError, data.DataError, ckpt.CheckpointMismatchError)
+USER_ERRORS = (ConfigError, data.DataError, ckpt.CheckpointMismatchError, DeviceError, distributed.LaunchError)
 
 
 # ---------------------------------------------------------------------------------------------
 # arguments
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags `main_linprobe.py` and `main_finetune.py` share with identical defaults: the
-    reference's dataset / output / runtime / distributed flags and this project's additions."""
-    parser.add_argument("--patch_size", default=None, type=int,
-                        help="patch size (default: the --finetune / --resume checkpoint's, else the model's)")
-
-    parser.add_argument("--dataset", default="imagefolder", choices=data.DATASETS)
-    parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
-                        help="dataset path (imagefolder: holds train/ and val/; cifar10: its root)")
-    parser.add_argument("--download", action="store_true", help="download CIFAR-10 into --data_path if absent")
-    parser.add_argument("--nb_classes", default=1000, type=int,
-                        help="number of classification types (digits / cifar10: taken from the dataset)")
-
-    parser.add_argument("--output_dir", default="./output_dir", help="path where to save, empty for no saving")
-    parser.add_argument("--log_dir", default="./output_dir", help="path where to write TensorBoard logs")
-    parser.add_argument("--device", default="cuda", help="device to use for training / testing")
-    parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--resume", default="", help="resume from checkpoint, or 'auto' for the newest in --output_dir")
-    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
-    parser.add_argument("--eval", action="store_true", help="perform evaluation only")
-    parser.add_argument("--dist_eval", action="store_true", default=False,
-                        help="enable distributed evaluation (shards val; else every process evaluates all of it)")
-    parser.add_argument("--num_workers", default=10, type=int)
-    parser.add_argument("--pin_mem", action="store_true",
-                        help="pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU")
-    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    parser.set_defaults(pin_mem=True)
-
-    parser.add_argument("--amp", default=None, choices=list(AMP_DTYPES),
-                        help="autocast dtype (default: bf16 on GPUs that support it, else none)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--save_freq", default=20, type=int,
-                        help="keep checkpoint-{epoch}.pth every N epochs and at the last (checkpoint-last.pth every epoch)")
-    parser.add_argument("--print_freq", default=20, type=int, help="log (and sync with the device) every N steps")
-
-    parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes (set by the launcher)")
-    parser.add_argument("--local_rank", default=-1, type=int)
-    parser.add_argument("--dist_on_itp", action="store_true", help="accepted for compatibility; the launcher's environment is used")
-    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
-    return parser
-
-
 def classifier_name(model: str) -> str:
-    """The classifier for `--model`: `vit_*` as given; `mae_vit_*` / `umae_vit_*` (pre-training
-    names) map to the `vit_*` of the same encoder."""
-    match = MAE_NAME.fullmatch(model)
-    name = match.group(1) if match else model
+    """The classifier for `--model`: `vit_*` as given; the pre-training names `mae_vit_*` /
+    `umae_vit_*` (also the reference's `mae_vit_*_dec512d8b`) and `simmim_vit_*` / `usimmim_vit_*`
+    map to the `vit_*` of the same encoder (`registry.parse_model_name`)."""
+    try:
+        name = parse_model_name(model).arch
+    except ValueError:
+        name = model
     if name not in list_models("vit_"):
         raise ConfigError(f"--model {model}: no classifier named {name!r}; known: {', '.join(list_models('vit_'))}")
     return name
@@ -294,9 +253,8 @@ def _prologue(args: argparse.Namespace, mode: str) -> tuple[Runtime, str, Mappin
     """Checks, runtime, model name, and the checkpoints to read: (runtime, classifier name,
     --resume state, --finetune content)."""
     check_args(args, mode)
-    rt = setup_runtime(args.device, args.seed, args.amp)
-    if args.dist_on_itp:
-        log.warning("--dist_on_itp is accepted for compatibility only: the process group comes from the environment")
+    rt = setup_runtime(args.device, args.seed, args.amp,
+                       dist_url=args.dist_url, world_size=args.world_size, dist_on_itp=args.dist_on_itp)
     name = classifier_name(args.model)
     path = resume_path(args.resume, args.output_dir)
     resume_state = read_checkpoint(path, "--resume") if path is not None else None
@@ -348,6 +306,7 @@ def _evaluate_only(
     model: nn.Module, val_set: Dataset, args: argparse.Namespace, rt: Runtime, resume_state: Mapping | None
 ) -> dict[str, float]:
     """`--eval`: the `--resume` checkpoint's accuracy on val, nothing written."""
+    record_args(args, rt.is_main)
     if resume_state is not None:
         load_resume_state(resume_state, model)
     else:
@@ -386,8 +345,7 @@ def _fit(
         max_acc1 = float(resume_state.get("max_accuracy", 0.0))
         if rt.is_main and resume_state.get("log_stats"):
             run_log.write_epoch(resume_state["log_stats"])  # the line a kill after the checkpoint may have lost
-    if rt.is_main and args.output_dir:
-        save_args(args, args.output_dir)
+    record_args(args, rt.is_main, args.output_dir)
 
     train_loader = data.build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
                                      pin_memory=pin, seed=args.seed)
@@ -516,8 +474,7 @@ def _linprobe_cached(
         if rt.is_main and resume_state.get("log_stats"):
             run_log.write_epoch(resume_state["log_stats"])
     _broadcast(model)
-    if rt.is_main and args.output_dir:
-        save_args(args, args.output_dir)
+    record_args(args, rt.is_main, args.output_dir)
 
     loaders = [data.build_loader(s, args.batch_size, train=False, num_workers=args.num_workers, pin_memory=pin)
                for s in (train_set, val_set)]

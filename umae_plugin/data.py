@@ -23,7 +23,7 @@ from torchvision.transforms import InterpolationMode
 
 from .distributed import get_world_size
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("umae.data")
 
 IMAGENET_MEAN: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
 IMAGENET_STD: tuple[float, float, float] = IMAGENET_DEFAULT_STD
@@ -62,6 +62,33 @@ def _resize_center_crop(input_size: int, crop_pct: float) -> transforms.Compose:
     ])
 
 
+class RandomResizedCropNoRetry(transforms.RandomResizedCrop):
+    """The MAE linear probe's random resized crop (after BYOL's TensorFlow code): one draw of the
+    area fraction and the log-uniform aspect ratio, the crop clamped to the image, no retries
+    and no center-crop fallback (torchvision's draws up to 10 times, then center-crops).
+
+    Only `get_params` differs from torchvision's, so cropping, resizing and antialiasing are
+    torchvision's. The default interpolation is bicubic."""
+
+    def __init__(self, size: int | Sequence[int], scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+                 interpolation: InterpolationMode = InterpolationMode.BICUBIC, **kwargs: Any) -> None:
+        super().__init__(size, scale=scale, ratio=ratio, interpolation=interpolation, **kwargs)
+
+    @staticmethod
+    def get_params(img: Any, scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the crop; exactly four draws from torch's global RNG:
+        area fraction, log aspect ratio, top, left. Width and height are clamped to [1, size]."""
+        _, height, width = transforms.functional.get_dimensions(img)
+        target_area = height * width * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item())
+        w = max(1, min(width, round(math.sqrt(target_area * aspect))))
+        h = max(1, min(height, round(math.sqrt(target_area / aspect))))
+        i = int(torch.randint(0, height - h + 1, size=(1,)).item())
+        j = int(torch.randint(0, width - w + 1, size=(1,)).item())
+        return i, j, h, w
+
+
 def pretrain_transform(input_size: int) -> transforms.Compose:
     """The MAE pre-training augmentation: a random crop of 20-100% of the area, then a flip."""
     return transforms.Compose([
@@ -72,11 +99,12 @@ def pretrain_transform(input_size: int) -> transforms.Compose:
 
 
 def linprobe_transform(input_size: int, train: bool) -> transforms.Compose:
-    """Linear-probe augmentation (train) or the resize-to-input/0.875 + center crop (val)."""
+    """Linear-probe augmentation (train: the reference's no-retry random resized crop, bicubic,
+    then a flip) or the resize-to-input/0.875 + center crop (val)."""
     if not train:
         return _resize_center_crop(input_size, 224 / 256)
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, interpolation=InterpolationMode.BICUBIC),
+        RandomResizedCropNoRetry(input_size, interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         *_normalize(),
     ])

@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("umae.distributed")
 
 
 def is_enabled() -> bool:
@@ -32,28 +34,106 @@ def get_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
-def init_distributed(backend: str | None = None, timeout_min: int = 30) -> bool:
-    """Join the process group described by the environment (torchrun's or submitit's `RANK`,
-    `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`, `LOCAL_RANK`). Returns False, touching nothing,
-    when the environment describes a single process. NCCL on GPUs, gloo otherwise."""
+class LaunchError(RuntimeError):
+    """The launch environment and the distributed flags do not describe a process group that
+    can be joined; the message names what is missing."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How this process joins (or not) a process group, and where that came from."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    init_method: str = "env://"
+    source: str = "single process"
+    ignored: tuple[str, ...] = ()  # flags given that the environment overrides
+
+
+def _need(environ: Mapping[str, str], names: tuple[str, ...], why: str) -> None:
+    missing = [n for n in names if n not in environ]
+    if missing:
+        raise LaunchError(f"{why} needs {', '.join(missing)} in the environment")
+
+
+def resolve_launch(
+    environ: Mapping[str, str], *, dist_url: str = "env://", world_size: int = 1, dist_on_itp: bool = False
+) -> Launch:
+    """The process group the environment and the upstream flags describe, on the reference's paths:
+
+    1. torchrun / `torch.distributed.launch` / submitit (`RANK` and `WORLD_SIZE` set): the
+       environment decides (`env://`); `--dist_url`, `--world_size`, `--dist_on_itp` are ignored and
+       listed in `ignored`.
+    2. `--dist_on_itp` (OpenMPI): rank, size, local rank from `OMPI_COMM_WORLD_*`, init at
+       `tcp://MASTER_ADDR:MASTER_PORT`.
+    3. `SLURM_PROCID` with `--world_size` > 1: rank `SLURM_PROCID`, local rank `SLURM_LOCALID`,
+       init at `--dist_url`.
+    4. Otherwise one process. A SLURM step of several tasks without a world size is refused: every
+       task would train alone and write the same output folder.
+    """
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        env_world = int(environ["WORLD_SIZE"])
+        ignored = tuple(flag for flag, given in (
+            ("--dist_on_itp", dist_on_itp),
+            (f"--dist_url {dist_url}", dist_url != "env://"),
+            (f"--world_size {world_size}", world_size not in (1, env_world)),
+        ) if given)
+        return Launch(int(environ["RANK"]), env_world, int(environ.get("LOCAL_RANK", 0)), "env://",
+                      "the launcher's environment (RANK, WORLD_SIZE)", ignored)
+    if dist_on_itp:
+        names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        _need(environ, names, "--dist_on_itp")
+        return Launch(int(environ["OMPI_COMM_WORLD_RANK"]), int(environ["OMPI_COMM_WORLD_SIZE"]),
+                      int(environ["OMPI_COMM_WORLD_LOCAL_RANK"]),
+                      f"tcp://{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}", "--dist_on_itp (OpenMPI)")
+    if "SLURM_PROCID" in environ and world_size > 1:
+        if dist_url == "env://":
+            _need(environ, ("MASTER_ADDR", "MASTER_PORT"), "SLURM_PROCID with --world_size and --dist_url env://")
+        rank = int(environ["SLURM_PROCID"])
+        if rank >= world_size:
+            raise LaunchError(f"SLURM_PROCID {rank} is not below --world_size {world_size}")
+        return Launch(rank, world_size, int(environ.get("SLURM_LOCALID", 0)), dist_url,
+                      "SLURM_PROCID with --world_size and --dist_url")
+    tasks = int(environ.get("SLURM_STEP_NUM_TASKS") or 1)  # set by srun for its step
+    if "SLURM_PROCID" in environ and tasks > 1:
+        raise LaunchError(f"this SLURM step runs {tasks} tasks but --world_size is {world_size}: pass "
+                          f"--world_size {tasks} and --dist_url tcp://HOST:PORT, or use torchrun / submitit_launcher.py")
+    return Launch()
+
+
+def init_distributed(
+    backend: str | None = None,
+    timeout_min: int = 30,
+    *,
+    dist_url: str = "env://",
+    world_size: int = 1,
+    dist_on_itp: bool = False,
+) -> Launch:
+    """Join the process group `resolve_launch` finds (torchrun / submitit environment, OpenMPI,
+    or SLURM_PROCID with the upstream flags); a single process joins nothing. Exports `RANK`,
+    `WORLD_SIZE` and `LOCAL_RANK` as upstream does, so the device follows the local rank. NCCL on
+    GPUs, gloo otherwise. Returns the launch description."""
     if is_enabled():
-        return True
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size <= 1:
-        return False
+        return Launch(get_rank(), get_world_size(), get_local_rank(), "", "already initialised")
+    launch = resolve_launch(os.environ, dist_url=dist_url, world_size=world_size, dist_on_itp=dist_on_itp)
+    if launch.world_size <= 1:
+        return launch
+    os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(get_local_rank())
+        torch.cuda.set_device(launch.local_rank)
     dist.init_process_group(
         backend=backend,
-        init_method="env://",
-        rank=int(os.environ["RANK"]),
-        world_size=world_size,
+        init_method=launch.init_method,
+        rank=launch.rank,
+        world_size=launch.world_size,
         timeout=datetime.timedelta(minutes=timeout_min),
     )
-    log.info("distributed: rank %d of %d (%s)", get_rank(), world_size, backend)
-    return True
+    log.info("distributed: rank %d of %d (%s, %s, from %s)", launch.rank, launch.world_size, backend,
+             launch.init_method, launch.source)
+    return launch
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .train_step import accumulation_context, backward, check_finite, optimizer_step
+from .train_step import accumulation_step, check_finite
 from .logger import Meters, RunLog, progress
 from .metrics import topk_correct
 from .optim import adjust_learning_rate
@@ -46,11 +46,15 @@ def train_one_epoch(
 
     As the reference: the lr follows `optim.adjust_learning_rate` (warm-up + cosine from `lr` to
     `min_lr`, each group's `lr_scale` applied), set at every `accum_iter`-th step from the
-    fractional epoch; the loss is divided by `accum_iter` and the optimiser steps every
-    `accum_iter` steps (DDP skips the gradient all-reduce in between); `clip_grad` clips the
-    global gradient norm after unscaling; `mixup_fn` mixes images and targets (the criterion then
-    takes soft targets). The host reads device values only every `print_freq` steps and at the
-    end; a non-finite loss raises `NonFiniteLossError` there, before any checkpoint is written.
+    fractional epoch; the gradients are cleared at the start of the epoch, the loss is divided by
+    `accum_iter` and the optimiser steps after every `accum_iter`-th step only (DDP skips the
+    gradient all-reduce in between); the `len(loader) % accum_iter` leftover batches at the end
+    are forwarded, backpropagated and logged, but their gradients are never applied (the next
+    epoch's start discards them; `train_step.accumulation_step`, shared with pre-training);
+    `clip_grad` clips the global gradient norm after unscaling; `mixup_fn` mixes images and
+    targets (the criterion then takes soft targets). The host reads device values only every
+    `print_freq` steps and at the end; a non-finite loss raises `NonFiniteLossError` there, before
+    any checkpoint is written.
     """
     model.train()
     meters = Meters()
@@ -66,14 +70,10 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
-        update = (step + 1) % accum_iter == 0
-        with accumulation_context(model, update):
-            with autocast():
-                loss = criterion(model(images), targets)
-            bad |= ~torch.isfinite(loss.detach())
-            backward(loss, accum_iter, scaler)
-        if update:
-            optimizer_step(model, optimizer, scaler, clip_grad)
+        loss = accumulation_step(
+            model, optimizer, lambda: criterion(model(images), targets), step=step, accum_iter=accum_iter,
+            autocast=autocast, scaler=scaler, clip_grad=clip_grad, bad=bad,
+        )
         meters.update(loss=loss, lr=current_lr)
 
         if (step + 1) % print_freq == 0:

@@ -15,7 +15,7 @@ from . import distributed
 from .logger import Meters, RunLog, progress
 from .metrics import effective_rank, topk_correct
 from .optim import adjust_learning_rate
-from .train_step import accumulation_context, backward, check_finite, optimizer_step
+from .train_step import accumulation_step, check_finite
 
 log = logging.getLogger("umae")
 
@@ -60,8 +60,14 @@ def train_one_epoch(
     """One epoch of masked-autoencoder steps; returns the epoch's mean `loss`, `loss_mae`,
     `loss_unif` (U-MAE), `lr` and, with a probe, `probe_loss`, averaged over ranks.
 
-    `schedule` holds `lr, min_lr, warmup_epochs, epochs` for the per-step cosine schedule. The
-    host reads device values only every `print_freq` steps and at the end of the epoch.
+    `schedule` holds `lr, min_lr, warmup_epochs, epochs` for the per-step cosine schedule, set at
+    every `accum_iter`-th step from the fractional epoch `epoch + step / len(loader)`. Gradient
+    accumulation as the reference (`train_step.accumulation_step`): the gradients are cleared at
+    the start of the epoch, the loss is divided by `accum_iter` and the optimiser steps after every
+    `accum_iter`-th step only; the `len(loader) % accum_iter` leftover batches at the end are
+    forwarded, backpropagated and logged, but their gradients are never applied (the next epoch's
+    start discards them; DDP skips their all-reduce). The host reads device values only every
+    `print_freq` steps and at the end of the epoch.
     """
     model.train()
     meters = Meters()
@@ -73,14 +79,10 @@ def train_one_epoch(
         if step % accum_iter == 0:
             lr = adjust_learning_rate(optimizer, epoch + step / steps, **schedule)
         imgs = imgs.to(device, non_blocking=True)
-        update = (step + 1) % accum_iter == 0 or step + 1 == steps
-        with accumulation_context(model, update):
-            with autocast():
-                loss, _, _, terms = model(imgs, mask_ratio, return_terms=True)
-            bad |= ~torch.isfinite(loss.detach())
-            backward(loss, accum_iter, scaler)
-        if update:
-            optimizer_step(model, optimizer, scaler)
+        loss, _, _, terms = accumulation_step(
+            model, optimizer, lambda: model(imgs, mask_ratio, return_terms=True), step=step,
+            accum_iter=accum_iter, autocast=autocast, scaler=scaler, bad=bad,
+        )
 
         values = {k: v for k, v in terms.items() if k.startswith("loss")}
         values["loss"] = loss

@@ -4,6 +4,9 @@ Pooling as in the reference `models_vit.py`: with `global_pool` the patch tokens
 excluded) are averaged and passed through `fc_norm` (the final `norm` is dropped); otherwise the
 class token after `norm`. The state-dict keys equal the reference classifier's, which are also
 timm's, so `timm.create_model("vit_base_patch16_224", global_pool="avg")` loads ours directly.
+
+`VisionTransformer` here is the reference's drop-in (`models_vit.VisionTransformer(global_pool=True,
+embed_dim=..., ...)`); `VisionTransformerClassifier` is the same class under its older name.
 """
 from __future__ import annotations
 
@@ -12,18 +15,34 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import VisionTransformer
+from timm.models import vision_transformer as timm_vit
 
 from .models_mae import ARCHS
 
 
-class VisionTransformerClassifier(VisionTransformer):
+_TIMM_POOL = {"avg": True, "token": False}
+
+
+def _as_global_pool(global_pool: Any) -> bool:
+    """The reference's `global_pool: bool`; timm's "avg"/"token" map to True/False. Any other
+    value (timm's "max", "avgmax", "", "map", ... or a non-bool) is rejected, not guessed."""
+    if isinstance(global_pool, bool):
+        return global_pool
+    if isinstance(global_pool, str) and global_pool in _TIMM_POOL:
+        return _TIMM_POOL[global_pool]
+    raise ValueError(f"global_pool={global_pool!r} is not supported: use a bool (True: average of the "
+                     f"patch tokens, False: class token) or timm's 'avg' / 'token'")
+
+
+class VisionTransformer(timm_vit.VisionTransformer):
     """timm's ViT with the reference's `global_pool: bool` switch and a `forward_features` that
     returns the pooled [N, D] features (the reference's), not the token map (timm's)."""
 
-    def __init__(self, global_pool: bool = False, **kwargs: Any) -> None:
+    def __init__(self, global_pool: bool | str = False, **kwargs: Any) -> None:
+        global_pool = _as_global_pool(global_pool)
         kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
-        super().__init__(global_pool="avg" if global_pool else "token", fc_norm=global_pool, **kwargs)
+        kwargs.setdefault("fc_norm", global_pool)
+        super().__init__(global_pool="avg" if global_pool else "token", **kwargs)
         self.global_pool_enabled = global_pool
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -31,6 +50,9 @@ class VisionTransformerClassifier(VisionTransformer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_drop(self.forward_features(x)))
+
+
+VisionTransformerClassifier = VisionTransformer
 
 
 def build_vit(arch: str, **kwargs: Any) -> VisionTransformerClassifier:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,25 @@ from . import data, distributed
 from .engine_pretrain import OnlineProbe, evaluate_probe, fixed_images, measure_effective_rank, train_one_epoch, unwrap
 from .logger import RunLog
 from .optim import param_groups_weight_decay, resolve_lr
-from .registry import create_model
-from .runtime import Runtime, get_rng_state, save_args, set_rng_state, setup_runtime
+from .registry import ModelName, create_model, parse_model_name, pretrain_name
+from .runtime import Runtime, get_rng_state, record_args, set_rng_state, setup_runtime
 
 log = logging.getLogger("umae")
 
-MIM_NAME = re.compile(r"u?(mae|simmim)_(vit_\w+)")
+
+def _parsed(name: str) -> ModelName | None:
+    """`registry.parse_model_name(name)`, or None for a name it cannot parse (built as given)."""
+    try:
+        return parse_model_name(name)
+    except ValueError:
+        return None
 
 
 def default_lambda(model_name: str) -> float:
     """The uniformity weight when `--lambda_unif` is not given: the paper's 0.01 for `umae_*` and
     `usimmim_*` models, 0 (exactly upstream MAE / SimMIM) for everything else."""
-    return 0.01 if model_name.startswith(("umae_", "usimmim_")) else 0.0
+    parsed = _parsed(model_name)
+    return 0.01 if parsed is not None and parsed.uniformity else 0.0
 
 
 def build_pretrain_model(
@@ -45,25 +51,28 @@ def build_pretrain_model(
     """`mae_vit_*` / `umae_vit_*` (and `simmim_vit_*` / `usimmim_vit_*`) name the same
     architectures: a positive `lambda_unif` builds the uniformity-enhanced class, zero builds the
     plain (upstream) class. Other names are built as given. `None` overrides are dropped, as are
-    decoder overrides for SimMIM, whose decoder is one linear layer."""
+    decoder overrides for SimMIM, whose decoder is one linear layer. The reference's
+    `mae_vit_*_dec512d8b` aliases build their `mae_vit_*` / `umae_vit_*` model."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    m = MIM_NAME.fullmatch(name)
-    if m is None:
+    parsed = _parsed(name)
+    if parsed is None or not parsed.is_pretrain:
         return create_model(name, **overrides)
-    family, arch = m.groups()
+    family, arch = parsed.family, parsed.arch
     if family == "simmim":
         ignored = [k for k in overrides if k.startswith("decoder_")]
         if ignored:
             log.warning("SimMIM has a one-layer linear decoder: ignoring %s", ", ".join(ignored))
         overrides = {k: v for k, v in overrides.items() if k not in ignored}
     if lambda_unif > 0:
-        return create_model(f"u{family}_{arch}", lambda_unif=lambda_unif, unif_pool=unif_pool, **overrides)
-    return create_model(f"{family}_{arch}", **overrides)
+        return create_model(pretrain_name(family, True, arch), lambda_unif=lambda_unif, unif_pool=unif_pool,
+                            **overrides)
+    return create_model(pretrain_name(family, False, arch), **overrides)
 
 
 def default_mask_ratio(model_name: str) -> float:
     """0.6 for SimMIM models (its paper's value), 0.75 (upstream MAE) otherwise."""
-    return 0.6 if "simmim_" in model_name else 0.75
+    parsed = _parsed(model_name)
+    return 0.6 if parsed is not None and parsed.family == "simmim" else 0.75
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,7 +92,8 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     """Pre-train, checkpoint and log as the upstream script does; returns the last epoch's stats."""
-    rt: Runtime = setup_runtime(args.device, args.seed, args.amp)
+    rt: Runtime = setup_runtime(args.device, args.seed, args.amp, dist_url=args.dist_url,
+                                world_size=args.world_size, dist_on_itp=args.dist_on_itp)
     device = rt.device
 
     # Data first: a wrong path fails before anything expensive is built.
@@ -142,8 +152,8 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
         log.info("resumed from %s (epoch %d)", resume, state["epoch"])
 
     run_log = RunLog(args.output_dir, args.log_dir, enabled=rt.is_main)
+    record_args(args, rt.is_main, args.output_dir)
     if rt.is_main and args.output_dir:
-        save_args(args, args.output_dir)
         if resume is not None and state.get("log_stats"):
             run_log.write_epoch(state["log_stats"])  # the line a kill after the checkpoint may have lost
 

@@ -24,6 +24,7 @@ from .checkpoint import torch_load
 from .linprobe_cached import extract_features, knn_accuracy, train_linear_head
 from .metrics import effective_rank, singular_spectrum
 from .pretrain import build_pretrain_model, model_overrides
+from .runtime import DeviceError, resolve_device
 
 SMALL_VIT = ["--model", "mae_vit_tiny_patch16", "--embed_dim", "128", "--depth", "4", "--num_heads", "4",
              "--decoder_embed_dim", "64", "--decoder_depth", "1", "--decoder_num_heads", "4",
@@ -105,7 +106,7 @@ def plot_spectra(results: dict[str, dict], path: Path) -> None:
 def main() -> None:
     args = get_args()
     out = Path(args.output_dir)
-    device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)  # DeviceError up front, before any pre-training; no CPU fallback
     results = {}
     for name, lam in (("MAE", 0.0), ("U-MAE", args.lambda_unif)):
         stats, wall = pretrain(out / name.lower().replace("-", ""), lam, args)
@@ -132,4 +133,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DeviceError as err:
+        sys.exit(f"error: {err}")

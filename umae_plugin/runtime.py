@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,12 @@ from . import distributed
 log = logging.getLogger("umae")
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+class DeviceError(RuntimeError):
+    """`--device` names a device this machine does not have (CUDA without a visible GPU, a GPU
+    index past the last one, an unknown device string); the message is one line naming the flag.
+    Raised instead of falling back to the CPU, where a long job would quietly run."""
 
 
 @dataclass
@@ -47,13 +52,30 @@ def setup_logging(is_main: bool) -> None:
 
 
 def resolve_device(requested: str) -> torch.device:
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn(f"--device {requested} asked for CUDA, which is not available: running on the CPU")
-        return torch.device("cpu")
-    if device.type == "cuda":
-        return torch.device("cuda", distributed.get_local_rank())
-    return device
+    """The torch device of `--device`; `cuda` (any index) becomes `cuda:LOCAL_RANK`, each process
+    taking the GPU of its local rank. Raises `DeviceError` when the device is not there: never a
+    silent fallback to the CPU."""
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"--device {requested!r} is not a device torch knows; "
+                          "pass e.g. cpu, cuda, cuda:1 or mps") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        build = (f"torch {torch.__version__} built with CUDA {torch.version.cuda}, but no GPU is visible"
+                 if torch.version.cuda else f"torch {torch.__version__} built without CUDA")
+        raise DeviceError(f"--device {requested}: CUDA is not available on this machine ({build}); "
+                          "pass --device cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise DeviceError(f"--device {requested}: GPU index {device.index} does not exist "
+                          f"({count} GPU{'s' if count != 1 else ''} visible: cuda:0 to cuda:{count - 1})")
+    local_rank = distributed.get_local_rank()
+    if local_rank >= count:
+        raise DeviceError(f"--device {requested}: local rank {local_rank} takes GPU {local_rank}, but only "
+                          f"{count} GPU{'s' if count != 1 else ''} are visible (more processes than GPUs on this node?)")
+    return torch.device("cuda", local_rank)
 
 
 def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
@@ -63,12 +85,25 @@ def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
     return AMP_DTYPES[amp]
 
 
-def setup_runtime(device: str, seed: int, amp: str | None) -> Runtime:
-    """Join the process group (torchrun / submitit environment, or none), pick the device and
-    autocast dtype, seed every generator with `seed + rank`."""
-    distributed.init_distributed(backend="nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo")
+def setup_runtime(
+    device: str,
+    seed: int,
+    amp: str | None,
+    *,
+    dist_url: str = "env://",
+    world_size: int = 1,
+    dist_on_itp: bool = False,
+) -> Runtime:
+    """Join the process group (torchrun / submitit environment, the upstream flags' OpenMPI or
+    SLURM paths, or none: `distributed.init_distributed`), pick the device and autocast dtype,
+    seed every generator with `seed + rank`."""
+    launch = distributed.init_distributed(
+        backend="nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo",
+        dist_url=dist_url, world_size=world_size, dist_on_itp=dist_on_itp)
     rank = distributed.get_rank()
     setup_logging(rank == 0)
+    if launch.ignored and rank == 0:
+        log.warning("the process group comes from %s: ignoring %s", launch.source, ", ".join(launch.ignored))
     dev = resolve_device(device)
     seed = seed + rank
     torch.manual_seed(seed)
@@ -97,13 +132,38 @@ def set_rng_state(state: dict[str, torch.Tensor] | None) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_args(args: argparse.Namespace, output_dir: str | os.PathLike) -> None:
-    """The resolved arguments as `args.json` in the output folder (rank 0)."""
+def record_args(args: argparse.Namespace, is_main: bool, output_dir: str | os.PathLike | None = None) -> None:
+    """Once at start, on rank 0: log the resolved arguments (one per line, as upstream prints
+    them, so a SLURM log says what ran) and, with `output_dir`, write them to `args.json`."""
+    if not is_main:
+        return
+    log.info("arguments:\n%s", "\n".join(f"  {k}: {v!r}" for k, v in sorted(vars(args).items())))
+    if output_dir:
+        save_args(args, output_dir)
+
+
+def save_args(args: argparse.Namespace, output_dir: str | os.PathLike) -> Path:
+    """The resolved arguments as `args.json` in the output folder (rank 0); returns its path.
+
+    `args.json` is always the current run's. An earlier run's `args.json` in the same folder whose
+    content differs (a resume with other flags, a second run into the same folder) is kept as
+    `args.<n>.json`, n = 1, 2, ... the first free number; identical content is not duplicated."""
     path = Path(output_dir)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True, default=str) + "\n")
-
-
-def accept_local_rank_alias(argv: list[str]) -> list[str]:
-    """torchrun < 2 passes `--local-rank=N`; the upstream scripts declare `--local_rank`."""
-    return [a.replace("--local-rank", "--local_rank", 1) if a.startswith("--local-rank") else a for a in argv]
+    target = path / "args.json"
+    text = json.dumps(vars(args), indent=2, sort_keys=True, default=str) + "\n"
+    if target.exists():
+        try:
+            old = target.read_text()
+        except OSError:
+            old = None
+        if old != text:
+            n = 1
+            while (path / f"args.{n}.json").exists():
+                n += 1
+            os.replace(target, path / f"args.{n}.json")
+            log.info("%s holds other arguments: kept as args.%d.json", target, n)
+    tmp = path / f".args.json.tmp{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, target)
+    return target

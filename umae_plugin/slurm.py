@@ -123,6 +123,7 @@ def build_parser(name: str, script_dir: str | os.PathLike | None = None) -> argp
         parser = argparse.ArgumentParser(
             prog=f"submitit_launcher.py {name}",
             parents=[launcher_parser(), script.get_args_parser()],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
             description=f"Submit main_{name}.py through submitit; every flag of main_{name}.py is accepted.",
             epilog="In the job, --output_dir and --log_dir default to the job folder, and --resume to 'auto' "
                    "(continue from the newest checkpoint in --output_dir: requeues and resubmissions "
@@ -154,9 +155,7 @@ def parse_args(argv: Sequence[str], script_dir: str | os.PathLike | None = None,
         parser = build_parser(name, script_dir)
     except LauncherError as err:
         top_parser().error(str(err))
-    from .runtime import accept_local_rank_alias
-
-    args = parser.parse_args(accept_local_rank_alias(argv[1:]))
+    args = parser.parse_args(argv[1:])
     if args.job_name is None:
         args.job_name = f"umae_{name}"
     check_args(parser, args, os.environ if environ is None else environ)

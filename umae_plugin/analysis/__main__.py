@@ -36,12 +36,12 @@ def main(argv: list[str] | None = None) -> object:
     args = parser.parse_args(rest)
 
     from ..data import DataError
-    from ..runtime import setup_logging
+    from ..runtime import DeviceError, setup_logging
 
     setup_logging(True)
     try:
         return module.main(args)
-    except DataError as err:
+    except (DataError, DeviceError) as err:
         raise SystemExit(f"error: {err}") from None
 
 

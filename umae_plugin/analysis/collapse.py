@@ -136,13 +136,13 @@ def _labels(given: Sequence[str] | None, defaults: Sequence[str], what: str) -> 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     if not args.checkpoints and not args.runs:
         raise SystemExit("error: give --checkpoints and / or --runs")
+    device = F.device_from(args.device) if args.checkpoints else None  # DeviceError before anything is written
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {}
 
     if args.checkpoints:
         labels = _labels(args.labels, [f"{Path(p).parent.name}/{Path(p).stem}" for p in args.checkpoints], "checkpoints")
-        device = F.device_from(args.device)
         indices = None
         entries = []
         for label, path, lm, ds in F.models_with_data(args, labels, device):

@@ -21,7 +21,6 @@ import argparse
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Mapping, Sequence
@@ -37,7 +36,7 @@ from ..logger import progress
 from ..models_mae import ARCHS, MaskedAutoencoderViT
 from ..models_vit import VisionTransformerClassifier
 from ..pretrain import build_pretrain_model, model_overrides
-from ..registry import create_model
+from ..registry import create_model, parse_model_name
 from ..runtime import resolve_device
 
 log = logging.getLogger("umae")
@@ -45,7 +44,6 @@ log = logging.getLogger("umae")
 # Shape-defining keys that custom configurations may store in `args` beside the standard ones.
 ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio")
 _HEADS_BY_WIDTH = {cfg["embed_dim"]: cfg["num_heads"] for cfg in ARCHS.values()}
-_MIM_PREFIX = re.compile(r"u?(?:mae|simmim)_(vit_\w+)")
 
 
 @dataclass
@@ -124,14 +122,17 @@ def holds_classifier(sd: Mapping[str, torch.Tensor]) -> bool:
 def _classifier_name(name: str, sd: Mapping[str, torch.Tensor]) -> str | None:
     """The `vit_*` name to build for `name` when it is a classifier name or the weights are a
     classifier's (`main_linprobe.py --model mae_vit_base_patch16` stores the MAE name)."""
-    if name.startswith("vit_"):
+    try:
+        parsed = parse_model_name(name)
+    except ValueError:
+        parsed = None
+    if parsed is not None and parsed.family == "vit":
         return name
     if not holds_classifier(sd):
         return None
-    m = _MIM_PREFIX.fullmatch(name)
-    if m is None:
+    if parsed is None:
         raise ValueError(f"the checkpoint holds a classifier, but {name!r} names no vit_* model for it")
-    return m.group(1)
+    return parsed.arch
 
 
 def _build_named(name: str, sd: Mapping[str, torch.Tensor], *, img_size: int | None, patch_size: int | None,

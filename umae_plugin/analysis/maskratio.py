@@ -213,9 +213,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.draws < 1:
         raise SystemExit("error: --draws must be >= 1")
+    device = F.device_from(args.device)  # DeviceError before anything is written
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = F.device_from(args.device)
     ds = F.build_eval_dataset(args.dataset, args.data_path, args.split, args.input_size)
     indices = F.per_class_indices(F.targets_of(ds), args.num_classes, args.per_class, args.seed)
     imgs, labels = F.stack_images(ds, indices)

@@ -150,9 +150,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     if not 0.0 <= args.mask_ratio < 1.0:
         raise SystemExit(f"error: --mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    device = F.device_from(args.device)  # DeviceError before anything is written
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = F.device_from(args.device)
     lm = F.load_model(args.checkpoint, model=args.model, input_size=args.input_size, patch_size=args.patch_size,
                       device=device, norm_pix_loss=args.norm_pix_loss)
     if not isinstance(lm.model, MaskedAutoencoderViT):

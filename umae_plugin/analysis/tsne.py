@@ -100,9 +100,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     labels_given = args.labels or [f"{Path(p).parent.name}/{Path(p).stem}" for p in args.checkpoints]
     if len(labels_given) != len(args.checkpoints):
         raise SystemExit(f"error: {len(labels_given)} labels for {len(args.checkpoints)} checkpoints")
+    device = F.device_from(args.device)  # DeviceError before anything is written
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = F.device_from(args.device)
     indices = class_labels = None
     panels = []
     for label, path, lm, ds in F.models_with_data(args, labels_given, device):
