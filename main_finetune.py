@@ -29,19 +29,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     cli.add_classification_arguments(g, global_pool=True)
 
     o = g[cli.OPTIM]
-    o.add_argument("--batch_size", default=64, type=int,
-                   help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
-    o.add_argument("--epochs", default=50, type=int, help="training epochs")
-    o.add_argument("--accum_iter", default=1, type=int,
-                   help="Accumulate gradient iterations (for increasing the effective batch size under memory constraints)")
+    cli.add_schedule_arguments(o, batch_size=64, epochs=50, weight_decay=0.05, blr=1e-3, min_lr=1e-6, warmup_epochs=5)
     o.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="Clip gradient norm (None: no clipping)")
-    o.add_argument("--weight_decay", type=float, default=0.05, help="weight decay")
-    o.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
-    o.add_argument("--blr", type=float, default=1e-3, metavar="LR",
-                   help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
     o.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
-    o.add_argument("--min_lr", type=float, default=1e-6, metavar="LR", help="lower lr bound for cyclic schedulers that hit 0")
-    o.add_argument("--warmup_epochs", type=int, default=5, metavar="N", help="epochs to warmup LR")
     o.add_argument("--smoothing", type=float, default=0.1, help="Label smoothing")
 
     a = g[cli.AUGMENT]
@@ -65,12 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a.add_argument("--mixup_mode", type=str, default="batch",
                    help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
 
-    cli.add_data_arguments(g[cli.DATA], "dataset path (imagefolder: holds train/ and val/; cifar10: its root)")
-    cli.add_loader_arguments(g[cli.DATA])
-    parser.set_defaults(pin_mem=True)
-    cli.add_runtime_arguments(g[cli.RUN])
-    cli.add_logging_arguments(g[cli.LOGGING], "resume from checkpoint, or 'auto' for the newest complete one in --output_dir")
-    cli.add_distributed_arguments(g[cli.DIST])
+    cli.add_run_arguments(g, "dataset path (imagefolder: holds train/ and val/; cifar10: its root)")
     return parser
 
 

@@ -31,24 +31,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="extract frozen features of unaugmented images once, train the probe on them, add k-NN accuracy")
 
     o = g[cli.OPTIM]
-    o.add_argument("--batch_size", default=512, type=int,
-                   help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
-    o.add_argument("--epochs", default=90, type=int, help="training epochs")
-    o.add_argument("--accum_iter", default=1, type=int,
-                   help="Accumulate gradient iterations (for increasing the effective batch size under memory constraints)")
-    o.add_argument("--weight_decay", type=float, default=0, help="weight decay (0 for linear probe following MoCo v1)")
-    o.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
-    o.add_argument("--blr", type=float, default=0.1, metavar="LR",
-                   help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
-    o.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound for cyclic schedulers that hit 0")
-    o.add_argument("--warmup_epochs", type=int, default=10, metavar="N", help="epochs to warmup LR")
+    cli.add_schedule_arguments(o, batch_size=512, epochs=90, weight_decay=0, blr=0.1, min_lr=0.0, warmup_epochs=10,
+                               weight_decay_help="weight decay (0 for linear probe following MoCo v1)")
 
-    cli.add_data_arguments(g[cli.DATA], "dataset path (imagefolder: holds train/ and val/; cifar10: its root)")
-    cli.add_loader_arguments(g[cli.DATA])
-    parser.set_defaults(pin_mem=True)
-    cli.add_runtime_arguments(g[cli.RUN])
-    cli.add_logging_arguments(g[cli.LOGGING], "resume from checkpoint, or 'auto' for the newest complete one in --output_dir")
-    cli.add_distributed_arguments(g[cli.DIST])
+    cli.add_run_arguments(g, "dataset path (imagefolder: holds train/ and val/; cifar10: its root)")
     return parser
 
 

@@ -50,27 +50,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="encoder features the uniformity term sees: mean of the patch tokens, or the class token")
 
     o = g[cli.OPTIM]
-    o.add_argument("--batch_size", default=64, type=int,
-                   help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
-    o.add_argument("--epochs", default=400, type=int, help="training epochs")
-    o.add_argument("--accum_iter", default=1, type=int,
-                   help="Accumulate gradient iterations (for increasing the effective batch size under memory constraints)")
-    o.add_argument("--weight_decay", type=float, default=0.05, help="weight decay")
-    o.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
-    o.add_argument("--blr", type=float, default=1e-3, metavar="LR",
-                   help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
-    o.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound for cyclic schedulers that hit 0")
-    o.add_argument("--warmup_epochs", type=int, default=40, metavar="N", help="epochs to warmup LR")
+    cli.add_schedule_arguments(o, batch_size=64, epochs=400, weight_decay=0.05, blr=1e-3, min_lr=0.0, warmup_epochs=40)
 
-    d = g[cli.DATA]
-    cli.add_data_arguments(d)
-    cli.add_loader_arguments(d)
-    parser.set_defaults(pin_mem=True)
-
-    cli.add_runtime_arguments(g[cli.RUN])
-
+    cli.add_run_arguments(g)
     lg = g[cli.LOGGING]
-    cli.add_logging_arguments(lg, "resume from checkpoint, or 'auto' for the newest complete one in --output_dir")
     lg.add_argument("--online_probe", action="store_true",
                     help="train a linear probe on detached features alongside (paper appendix B.5)")
     lg.add_argument("--val-interval", "--val_interval", dest="val_interval", default=1, type=int,
@@ -78,8 +61,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     lg.add_argument("--erank_freq", default=1, type=int,
                     help="effective rank of --erank_samples fixed val images every N epochs (0: off)")
     lg.add_argument("--erank_samples", default=100, type=int, help="images the effective rank is measured on")
-
-    cli.add_distributed_arguments(g[cli.DIST])
     return parser
 
 

@@ -92,6 +92,36 @@ def add_distributed_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
 
 
+def add_schedule_arguments(
+    g: argparse._ArgumentGroup, *, batch_size: int, epochs: int, weight_decay: float, blr: float, min_lr: float,
+    warmup_epochs: int, weight_decay_help: str = "weight decay",
+) -> None:
+    """Batch, epochs, accumulation and the lr schedule: the same flags in all three scripts, each
+    with its own upstream defaults."""
+    g.add_argument("--batch_size", default=batch_size, type=int,
+                   help="Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus")
+    g.add_argument("--epochs", default=epochs, type=int, help="training epochs")
+    g.add_argument("--accum_iter", default=1, type=int,
+                   help="Accumulate gradient iterations (for increasing the effective batch size under memory "
+                        "constraints); the steps %% accum_iter batches left at an epoch's end are not applied")
+    g.add_argument("--weight_decay", type=float, default=weight_decay, help=weight_decay_help)
+    g.add_argument("--lr", type=float, default=None, metavar="LR", help="learning rate (absolute lr)")
+    g.add_argument("--blr", type=float, default=blr, metavar="LR",
+                   help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
+    g.add_argument("--min_lr", type=float, default=min_lr, metavar="LR", help="lower lr bound for cyclic schedulers that hit 0")
+    g.add_argument("--warmup_epochs", type=int, default=warmup_epochs, metavar="N", help="epochs to warmup LR")
+
+
+def add_run_arguments(g: dict[str, argparse._ArgumentGroup], data_path_help: str = "dataset path") -> None:
+    """Data, loader, runtime, checkpoint / logging and distributed flags, alike in all three scripts."""
+    add_data_arguments(g[DATA], data_path_help)
+    add_loader_arguments(g[DATA])
+    g[DATA].set_defaults(pin_mem=True)
+    add_runtime_arguments(g[RUN])
+    add_logging_arguments(g[LOGGING], "resume from checkpoint, or 'auto' for the newest complete one in --output_dir")
+    add_distributed_arguments(g[DIST])
+
+
 def add_classification_arguments(g: dict[str, argparse._ArgumentGroup], global_pool: bool) -> None:
     """The flags `main_linprobe.py` and `main_finetune.py` share beyond the common ones: the
     encoder to start from, pooling, classes, and evaluation."""
