@@ -72,4 +72,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run_main(get_args_parser, main, classify.USER_ERRORS)
+    cli.run_main(get_args_parser, main)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 
 from umae_plugin import cli
-from umae_plugin.data import DataError
-from umae_plugin.distributed import LaunchError
 from umae_plugin.models_mae import FEATURE_POOLS
-from umae_plugin.pretrain import default_lambda, default_mask_ratio, run_pretrain
-from umae_plugin.runtime import DeviceError
+from umae_plugin.errors import UsageError
+from umae_plugin.pretrain import check_model_args, default_lambda, default_mask_ratio, run_pretrain
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -84,6 +82,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
         parser.error(f"--erank_freq must be >= 0, got {args.erank_freq}")
     if args.patch_size is not None and args.input_size % args.patch_size:
         parser.error(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
+    try:
+        check_model_args(args)
+    except UsageError as err:
+        parser.error(str(err))
     return args
 
 
@@ -92,4 +94,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run_main(get_args_parser, main, (DataError, DeviceError, LaunchError, FileNotFoundError))
+    cli.run_main(get_args_parser, main)

@@ -13,17 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from umae_plugin.errors import exit_on_error
 from umae_plugin.optim import param_groups_weight_decay
 from umae_plugin.pretrain import build_pretrain_model
 from umae_plugin.registry import classifier_arch, pretrain_name
-from umae_plugin.runtime import AMP_DTYPES, DeviceError, Runtime, resolve_amp, resolve_device
+from umae_plugin.runtime import AMP_DTYPES, Runtime, resolve_amp, resolve_device
 
 # Dense bf16 / fp16 tensor-core peaks (FLOP/s) by device-name fragment, from the vendors' sheets.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "V100": 125e12}
@@ -130,7 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DeviceError as err:  # --device cuda without a GPU: no silent CPU benchmark
-        sys.exit(f"error: {err}")
+    exit_on_error(main)  # e.g. DeviceError: --device cuda without a GPU, no silent CPU benchmark

@@ -1,4 +1,7 @@
 import argparse
+import errno
+import os
+import stat
 from functools import partial
 
 import pytest
@@ -7,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from umae_plugin import checkpoint as ckpt
+from umae_plugin.errors import UserError
 from umae_plugin.models_mae import MaskedAutoencoderViT
 from umae_plugin.models_vit import VisionTransformerClassifier
 from umae_plugin.pos_embed import sincos_2d
@@ -188,3 +192,87 @@ def test_find_latest_checkpoint(tmp_path):
     assert ckpt.find_latest_checkpoint(tmp_path).name == "checkpoint-last.pth"
     ckpt.save_atomic({"epoch": 24}, tmp_path / "checkpoint-24.pth")
     assert ckpt.find_latest_checkpoint(tmp_path).name == "checkpoint-24.pth"
+
+
+def _disk_full_oserror(obj, f):
+    f.write(b"some bytes")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _disk_full_in_torch(obj, f):  # torch's own wrapping: the OSError only in the chain
+    try:
+        _disk_full_oserror(obj, f)
+    except OSError as err:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                           "file data/0: file write failed") from err
+
+
+def _disk_full_message_only(obj, f):
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0: "
+                       "No space left on device")
+
+
+@pytest.mark.parametrize("writer", [_disk_full_oserror, _disk_full_in_torch, _disk_full_message_only])
+def test_atomic_save_on_a_full_disk_is_a_one_line_user_error(tmp_path, monkeypatch, writer):
+    path = tmp_path / "checkpoint-7.pth"
+    ckpt.save_atomic({"epoch": 1}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(torch, "save", writer)
+    with pytest.raises(UserError) as info:
+        ckpt.save_atomic({"epoch": 2}, path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "No space left on device" in message
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-7.pth"]
+
+
+def test_atomic_save_other_os_error_named_and_bugs_unchanged(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "checkpoint-last.pth"
+    (tmp_path / "sub").write_text("a file where the folder should be")
+    with pytest.raises(UserError, match=f"cannot write checkpoint {path}: "):
+        ckpt.save_atomic({"epoch": 1}, path)
+
+    def bug(obj, f):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(torch, "save", bug)
+    with pytest.raises(RuntimeError, match="some other failure") as info:
+        ckpt.save_atomic({"epoch": 1}, tmp_path / "checkpoint-0.pth")
+    assert not isinstance(info.value, UserError)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_atomic_save_follows_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        ckpt.save_atomic({"epoch": 1}, tmp_path / "checkpoint-1.pth")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "checkpoint-1.pth").stat().st_mode) == mode
+
+
+def test_resume_auto_with_only_unreadable_checkpoints_stops(tmp_path, caplog):
+    (tmp_path / "checkpoint-last.pth").write_bytes(b"")
+    (tmp_path / "checkpoint-20.pth").write_bytes(b"PK\x03\x04truncated")
+    with pytest.raises(UserError) as info:
+        ckpt.resolve_resume("auto", tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path) in message
+    assert "checkpoint-20.pth" in message and "checkpoint-last.pth" in message
+    assert ckpt.resolve_resume("auto", tmp_path / "empty") is None  # nothing there yet: a fresh start
+    ckpt.save_atomic({"epoch": 3}, tmp_path / "checkpoint-3.pth")  # one readable: the others are skipped
+    assert ckpt.resolve_resume("auto", tmp_path) == tmp_path / "checkpoint-3.pth"
+    assert "skipping unreadable checkpoint" in caplog.text and "checkpoint-last.pth" in caplog.text
+
+
+def test_save_checkpoint_and_restore_a_missing_numbered_one(tmp_path):
+    state = {"model": {"w": torch.arange(3.0)}, "epoch": 4}
+    ckpt.save_checkpoint(tmp_path, state, 4, save_freq=2, last=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4.pth", "checkpoint-last.pth"]
+    (tmp_path / "checkpoint-4.pth").unlink()
+    resumed = ckpt.torch_load(tmp_path / "checkpoint-last.pth")
+    assert ckpt.restore_missing_checkpoint(tmp_path, resumed, 3, 10, "auto") is None  # 4 not due
+    assert ckpt.restore_missing_checkpoint(tmp_path, resumed, 4, 10, str(tmp_path / "elsewhere" / "x.pth")) is None
+    assert ckpt.restore_missing_checkpoint(tmp_path, resumed, 3, 5, "auto") == tmp_path / "checkpoint-4.pth"  # last
+    assert torch.equal(ckpt.torch_load(tmp_path / "checkpoint-4.pth")["model"]["w"], torch.arange(3.0))
+    assert ckpt.restore_missing_checkpoint(tmp_path, resumed, 2, 10, "auto") is None  # there now

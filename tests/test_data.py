@@ -336,3 +336,164 @@ def test_randaugment_posterize_to_zero_bits_gives_black_image():
     op = AugmentOp("Posterize", prob=1.0, magnitude=0)  # timm maps magnitude 0 to 0 bits
     out = op(Image.new("RGB", (8, 8), (200, 100, 50)))
     assert out.getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# seeded training loaders: augmentations depend on (seed, epoch, index) only
+
+
+def _augmenting_folder(folder):
+    """Train split with timm's fine-tune pipeline: draws from torch (crop, erasing), Python's
+    `random` and numpy (RandAugment)."""
+    return build_dataset("imagefolder", folder, "train", finetune_transform(
+        16, train=True, aa="rand-m9-mstd0.5-inc1", reprob=0.5, remode="pixel", recount=1))
+
+
+def _epoch_batches(loader, epoch):
+    set_epoch(loader, epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def _assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb)
+        torch.testing.assert_close(xa, xb, rtol=0, atol=0)
+
+
+def test_train_batches_are_the_same_for_any_number_of_workers(folder):
+    ds = _augmenting_folder(folder)
+    runs = {}
+    for workers in (0, 1, 2):
+        loader = build_loader(ds, 4, train=True, num_workers=workers, pin_memory=False, seed=5)
+        runs[workers] = [_epoch_batches(loader, epoch) for epoch in (0, 1)]
+    for workers in (1, 2):
+        for epoch in (0, 1):
+            _assert_same_batches(runs[0][epoch], runs[workers][epoch])
+    # a resumed run: persistent workers that start at epoch 1 give what epoch 1 gave after epoch 0
+    fresh = build_loader(ds, 4, train=True, num_workers=2, pin_memory=False, seed=5)
+    _assert_same_batches(_epoch_batches(fresh, 1), runs[0][1])
+
+
+def test_train_augmentation_changes_with_the_epoch_and_the_seed(folder):
+    ds = build_dataset("imagefolder", folder, "train", pretrain_transform(16))
+
+    def by_index(seed, epoch):
+        loader = build_loader(ds, 4, train=True, num_workers=0, pin_memory=False, seed=seed)
+        set_epoch(loader, epoch)
+        order = [int(i) for i in loader.sampler]
+        images = torch.cat([x for x, _ in loader])
+        return images[torch.argsort(torch.tensor(order))]  # image of sample 0, 1, ... 11
+
+    a = by_index(0, 0)
+    torch.testing.assert_close(a, by_index(0, 0), rtol=0, atol=0)
+    for other in (by_index(0, 1), by_index(1, 0)):
+        assert all(not torch.equal(a[i], other[i]) for i in range(len(a)))
+
+
+def test_loader_item_is_a_function_of_seed_epoch_and_index(folder):
+    ds = _augmenting_folder(folder)
+    loader = build_loader(ds, 4, train=True, num_workers=0, pin_memory=False, seed=5)
+    view = loader.dataset
+    assert isinstance(view, data.SeededDataset) and view.dataset is ds
+    assert len(view) == len(ds) and view.classes == ds.classes and view.targets == ds.targets
+    assert num_classes(view) == 3
+    x, y = view[data.EpochIndex(7, 3)]
+    torch.testing.assert_close(x, view[data.EpochIndex(7, 3)][0], rtol=0, atol=0)
+    assert y == ds.targets[7] and not torch.equal(x, view[data.EpochIndex(7, 4)][0])
+    set_epoch(loader, 3)
+    order = list(loader.sampler)
+    assert all(isinstance(i, data.EpochIndex) and i.epoch == 3 for i in order)
+    first, _ = next(iter(loader))
+    torch.testing.assert_close(first, torch.stack([view[i][0] for i in order[:4]]), rtol=0, atol=0)
+
+
+def test_iterating_a_loader_leaves_the_main_process_random_state_alone(folder):
+    import random
+
+    ds = _augmenting_folder(folder)
+    val = build_dataset("imagefolder", folder, "val", eval_transform(16))
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    for loader in (build_loader(ds, 4, train=True, num_workers=0, pin_memory=False),
+                   build_loader(val, 4, train=False, num_workers=0, pin_memory=False)):
+        for epoch in (0, 1):
+            set_epoch(loader, epoch)
+            assert sum(len(y) for _, y in loader) == 12
+    assert torch.equal(torch.get_rng_state(), states[0])
+    after = np.random.get_state()
+    assert after[0] == states[1][0] and np.array_equal(after[1], states[1][1]) and after[2:] == states[1][2:]
+    assert random.getstate() == states[2]
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    from umae_plugin.runtime import get_rng_state, set_rng_state
+
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.normal()  # a cached gaussian in numpy's state
+    torch.save({"rng": get_rng_state(torch.device("cpu"))}, tmp_path / "ckpt.pth")
+    expected = torch.rand(3), np.random.rand(3), np.random.normal(), [random.random() for _ in range(3)]
+    torch.manual_seed(9)
+    np.random.seed(9)
+    random.seed(9)
+    set_rng_state(torch.load(tmp_path / "ckpt.pth", weights_only=True)["rng"])
+    got = torch.rand(3), np.random.rand(3), np.random.normal(), [random.random() for _ in range(3)]
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2] and got[3] == expected[3]
+    set_rng_state({"cpu": torch.get_rng_state()})  # checkpoints written before: torch state only
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit and 32-bit grayscale images
+
+
+def _gradient16():
+    return np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+
+
+def _wide_images():
+    """(file name, PIL image) in each wide grayscale mode PIL can write."""
+    g = _gradient16()
+    return [
+        ("i16.png", Image.frombytes("I;16", (16, 16), g.astype("<u2").tobytes())),
+        ("i16b.png", Image.frombytes("I;16B", (16, 16), g.astype(">u2").tobytes())),
+        ("i16b.tiff", Image.frombytes("I;16B", (16, 16), g.astype(">u2").tobytes())),
+        ("i16l.tiff", Image.frombytes("I;16L", (16, 16), g.astype("<u2").tobytes())),
+        ("i32.tiff", Image.fromarray(g.astype(np.int32))),
+    ]
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_saturated(tmp_path):
+    folder = tmp_path / "wide" / "train" / "gray"
+    folder.mkdir(parents=True)
+    for name, img in _wide_images():
+        img.save(folder / name)
+    ds = build_dataset("imagefolder", tmp_path / "wide", "train", None)
+    expected = np.rint(_gradient16() * (255 / 65535)).astype(np.uint8)
+    assert len(ds) == 5
+    for i in range(len(ds)):
+        img, _ = ds[i]
+        pixels = np.asarray(img)
+        assert img.mode == "RGB" and pixels.min() == 0 and pixels.max() == 255, ds.samples[i][0]
+        assert np.array_equal(pixels[..., 0], expected), ds.samples[i][0]
+        assert np.array_equal(pixels[..., 1], expected) and np.array_equal(pixels[..., 2], expected)
+
+
+@pytest.mark.parametrize("name, img", _wide_images())
+def test_image_to_rgb_scales_every_wide_mode(name, img):
+    expected = np.rint(_gradient16() * (255 / 65535)).astype(np.uint8)
+    assert np.array_equal(np.asarray(data.image_to_rgb(img))[..., 0], expected)
+
+
+def test_32_bit_images_beyond_16_bits_are_scaled_by_their_maximum():
+    values = np.arange(16 * 16, dtype=np.int32).reshape(16, 16) * 40_000 - 100  # max about 1e7, one negative
+    rgb = np.asarray(data.image_to_rgb(Image.fromarray(values)))
+    expected = np.rint(np.clip(values, 0, None) * (255 / values.max())).astype(np.uint8)
+    assert np.array_equal(rgb[..., 1], expected) and rgb.max() == 255 and rgb.min() == 0
+    assert np.array_equal(np.asarray(data.image_to_rgb(Image.new("L", (4, 4), 77))), np.full((4, 4, 3), 77))

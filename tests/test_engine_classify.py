@@ -1,3 +1,4 @@
+import logging
 import math
 
 import pytest
@@ -107,3 +108,67 @@ def test_evaluate_matches_a_direct_computation():
     assert stats["acc5"] == pytest.approx((ranks < 5).float().mean().item())
     assert stats["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
     assert not model.training
+
+
+# ---------------------------------------------------------------------------------------------
+# unreadable images: counted once per epoch over DataLoader workers
+
+
+def _folder_with_a_corrupt_image(tmp_path):
+    from umae_plugin.data import make_synthetic_imagefolder
+
+    root = make_synthetic_imagefolder(tmp_path / "data", num_classes=3, per_class=4, size=12, splits=("train",))
+    bad = root / "train" / "class_1" / "2.png"
+    bad.write_bytes(b"not a png at all" * 4)
+    return root, bad
+
+
+def _warnings_naming(caplog, path):
+    return [r for r in caplog.records if r.levelno == logging.WARNING and str(path) in r.getMessage()]
+
+
+def test_bad_images_are_counted_once_per_epoch_over_workers(tmp_path, caplog):
+    from umae_plugin import data
+
+    root, bad = _folder_with_a_corrupt_image(tmp_path)
+    ds = data.build_dataset("imagefolder", root, "train", data.eval_transform(8))
+    train = data.build_loader(ds, 3, train=True, num_workers=2, pin_memory=False, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    for epoch in (0, 1):
+        caplog.clear()
+        data.set_epoch(train, epoch)
+        with caplog.at_level(logging.WARNING):
+            stats = train_one_epoch(model, nn.CrossEntropyLoss(), train, opt, device=torch.device("cpu"),
+                                    epoch=epoch, **SCHEDULE)
+        assert stats["bad_images"] == 1, epoch
+        assert len(_warnings_naming(caplog, bad)) == 1, epoch
+
+
+def test_no_bad_images_key_without_bad_images(tmp_path):
+    from umae_plugin import data
+
+    root = data.make_synthetic_imagefolder(tmp_path / "ok", num_classes=2, per_class=3, size=8, splits=("train",))
+    ds = data.build_dataset("imagefolder", root, "train", data.eval_transform(8))
+    train = data.build_loader(ds, 2, train=True, num_workers=0, pin_memory=False)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    stats = train_one_epoch(model, nn.CrossEntropyLoss(), train, torch.optim.SGD(model.parameters(), lr=0.0),
+                            device=torch.device("cpu"), epoch=0, **SCHEDULE)
+    assert set(stats) == {"loss", "lr"} and train.bad_images == 0
+
+
+def test_bad_image_count_is_summed_over_ranks(tmp_path, monkeypatch):
+    from umae_plugin import data
+
+    root, _ = _folder_with_a_corrupt_image(tmp_path)
+    ds = data.build_dataset("imagefolder", root, "train", data.eval_transform(8))
+    train = data.build_loader(ds, 3, train=True, num_workers=0, pin_memory=False)
+    sum(len(y) for _, y in train)
+    assert train.bad_images == 1 and data.epoch_bad_images(train) == 1
+    reduced = []
+    monkeypatch.setattr(data, "get_world_size", lambda: 3)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: reduced.append(t) or t.mul_(3))
+    assert data.epoch_bad_images(train) == 3 and len(reduced) == 1  # three ranks that met one each
+    assert data.epoch_bad_images(loader()) is None  # loaders that do not count: no collective call
+    assert len(reduced) == 1

@@ -117,3 +117,36 @@ def test_bad_flags_exit_with_message(flags, message):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def test_resume_is_exact_with_dataloader_workers(tmp_path):
+    """Persistent DataLoader workers must not carry augmentation randomness across epochs: a run
+    killed after epoch 0 and resumed equals the uninterrupted one, bit for bit."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    flags = ("--epochs", "2", "--num_workers", "2")
+    main_pretrain.main(micro_args(full, *flags))
+    main_pretrain.main(micro_args(part, *flags))  # same run, then kill the second epoch's trace
+    for f in ("checkpoint-1.pth", "checkpoint-last.pth"):
+        (part / f).unlink()
+    lines = (part / "log.txt").read_text().splitlines()
+    (part / "log.txt").write_text(lines[0] + "\n")
+    main_pretrain.main(micro_args(part, *flags, "--resume", "auto"))
+
+    a, b = ckpt.torch_load(full / "checkpoint-1.pth"), ckpt.torch_load(part / "checkpoint-1.pth")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert [line["epoch"] for line in log_lines(part)] == [0, 1]
+    assert log_lines(part)[1]["train_loss"] == log_lines(full)[1]["train_loss"]
+
+
+def test_bad_images_are_logged_per_epoch_over_workers(tmp_path, caplog):
+    root = make_synthetic_imagefolder(tmp_path / "data", num_classes=2, per_class=10)
+    bad = next((root / "train").rglob("*.png"))
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        main_pretrain.main(micro_args(out, "--batch_size", "4", "--epochs", "2", "--num_workers", "2",
+                                      model="mae_vit_micro", dataset="imagefolder", data_path=root))
+    assert [line["train_bad_images"] for line in log_lines(out)] == [1, 1]
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and str(bad) in r.getMessage()]
+    assert len(warned) == 2  # once per epoch, however many workers met it

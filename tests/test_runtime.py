@@ -91,10 +91,10 @@ def test_analysis_default_device_stays_automatic(without_cuda):
         device_from("cuda")
 
 
-def test_device_error_is_a_user_error_of_linprobe_and_finetune():
-    from umae_plugin import classify
+def test_device_error_is_a_one_line_user_error():
+    from umae_plugin.errors import UserError
 
-    assert DeviceError in classify.USER_ERRORS
+    assert issubclass(DeviceError, UserError) and DeviceError.exit_code == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,8 +149,7 @@ def test_analysis_tool_fails_before_loading(tmp_path, tool, args):
     assert_nothing_written(out)
 
 
-# The three scripts: wired by `sys.exit(f"error: {err}")` around `runtime.DeviceError` (main_pretrain.py)
-# and `classify.USER_ERRORS` (main_linprobe.py, main_finetune.py) in their `__main__`.
+# The three scripts: `cli.run_main` prints every `errors.UserError` (DeviceError among them) as one line.
 @no_gpu
 @pytest.mark.parametrize("script", ["main_pretrain.py", "main_linprobe.py", "main_finetune.py"])
 def test_script_fails_and_writes_nothing(tmp_path, script):

@@ -9,6 +9,7 @@ and the printed lines keep the reference scripts' percentages (`test_acc1: 75.3`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import time
@@ -21,14 +22,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from . import checkpoint as ckpt
-from . import data, distributed
+from . import data, distributed, run_folder
 from .engine_classify import evaluate, train_one_epoch
+from .errors import UsageError, UserError
 from .linprobe_cached import extract_features, knn_accuracy, train_linear_head
 from .logger import RunLog
 from .optim import build_lars, param_groups_layer_decay, resolve_lr
 from .runtime import get_rng_state, set_rng_state
 from .registry import create_model, list_models, parse_model_name
-from .runtime import DeviceError, Runtime, record_args, setup_runtime
+from .runtime import Runtime, record_args, setup_runtime
 
 log = logging.getLogger("umae")
 
@@ -36,12 +38,9 @@ KNN_K, KNN_TEMPERATURE = 20, 0.07
 MIXUP_MODES = ("batch", "pair", "elem")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A flag value, or combination of flags, that cannot work; the message names the flag."""
 
-
-# Errors a user fixes on the command line: the scripts print them without a traceback.
-USER_ERRORS = (ConfigError, data.DataError, ckpt.CheckpointMismatchError, DeviceError, distributed.LaunchError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,20 +111,6 @@ def mixup_active(args: argparse.Namespace) -> bool:
 # checkpoints and geometry
 
 
-def read_checkpoint(path: str | Path, flag: str, mmap: bool = False) -> Any:
-    """A checkpoint file's content; with `mmap`, tensors are read lazily where the format allows
-    (only part of a large --finetune file may be needed)."""
-    if mmap:
-        try:
-            return ckpt.torch_load(path, mmap=True)
-        except Exception:  # legacy (non-zip) files cannot be memory-mapped
-            pass
-    try:
-        return ckpt.torch_load(path)
-    except Exception as err:
-        raise ConfigError(f"{flag} {path}: cannot read the checkpoint ({type(err).__name__}: {err})") from err
-
-
 ENCODER_OVERRIDES = ("embed_dim", "depth", "num_heads")
 
 
@@ -187,8 +172,9 @@ def load_resume_state(
     start at (saved epoch + 1), or None when only the model was restored."""
     try:
         model.load_state_dict(state["model"], strict=True)
-    except (KeyError, RuntimeError) as err:
-        raise ConfigError(f"--resume: the checkpoint does not hold this classifier ({err})") from err
+    except (KeyError, RuntimeError, TypeError, AttributeError) as err:
+        raise UserError(f"--resume: the checkpoint does not hold this classifier "
+                        f"({type(err).__name__}: {ckpt.first_line(err)})") from err
     if optimizer is None or "optimizer" not in state or "epoch" not in state:
         return None
     optimizer.load_state_dict(state["optimizer"])
@@ -201,11 +187,15 @@ def load_resume_state(
 
 def save_checkpoint(output_dir: str, state: dict[str, Any], epoch: int, save_freq: int, last: bool) -> None:
     """`checkpoint-last.pth` every epoch; `checkpoint-{epoch}.pth` every `save_freq` epochs and at
-    the last one. Atomic writes: a kill leaves the previous file intact."""
-    out = Path(output_dir)
-    ckpt.save_atomic(state, out / "checkpoint-last.pth")
-    if epoch % save_freq == 0 or last:
-        ckpt.save_atomic(state, out / f"checkpoint-{epoch}.pth")
+    the last one. Atomic writes: a kill leaves the previous file intact (`checkpoint.save_checkpoint`,
+    shared with pre-training)."""
+    ckpt.save_checkpoint(output_dir, state, epoch, save_freq, last)
+
+
+def _restore_missing_checkpoint(args: argparse.Namespace, rt: Runtime, resume_state: Mapping | None) -> None:
+    """On resume, rank 0: the resumed epoch's numbered checkpoint, when due and lost to a kill."""
+    if resume_state is not None and rt.is_main and args.output_dir:
+        ckpt.restore_missing_checkpoint(args.output_dir, resume_state, args.save_freq, args.epochs, args.resume)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,10 +247,10 @@ def _prologue(args: argparse.Namespace, mode: str) -> tuple[Runtime, str, Mappin
                        dist_url=args.dist_url, world_size=args.world_size, dist_on_itp=args.dist_on_itp)
     name = classifier_name(args.model)
     path = resume_path(args.resume, args.output_dir)
-    resume_state = read_checkpoint(path, "--resume") if path is not None else None
+    resume_state = ckpt.read_checkpoint(path, "--resume") if path is not None else None
     if resume_state is not None:
         log.info("resuming from %s", path)
-    source = read_checkpoint(args.finetune, "--finetune", mmap=True) if args.finetune and not args.eval else None
+    source = ckpt.read_checkpoint(args.finetune, "--finetune", mmap=True) if args.finetune and not args.eval else None
     geometry_from = resume_state if resume_state is not None else source
     input_size, patch_size = checkpoint_geometry(geometry_from) if geometry_from is not None else (None, None)
     if args.input_size is None:
@@ -275,6 +265,13 @@ def _prologue(args: argparse.Namespace, mode: str) -> tuple[Runtime, str, Mappin
     if overrides:
         log.info("encoder overrides from the checkpoint's args: %s", overrides)
     return rt, name, resume_state, source
+
+
+def _claim_output_folder(run: contextlib.ExitStack | None, args: argparse.Namespace, rt: Runtime) -> None:
+    """Once the flags and the data are checked, before anything is written: the output folder
+    becomes this run's alone, held by `run` to its end (`--eval` writes nothing and takes none)."""
+    if run is not None and not args.eval:
+        run.enter_context(run_folder.claim(args.output_dir, enabled=rt.is_main))
 
 
 def _finish(result: dict[str, Any]) -> dict[str, Any]:
@@ -346,12 +343,10 @@ def _fit(
         if rt.is_main and resume_state.get("log_stats"):
             run_log.write_epoch(resume_state["log_stats"])  # the line a kill after the checkpoint may have lost
     record_args(args, rt.is_main, args.output_dir)
+    _restore_missing_checkpoint(args, rt, resume_state)
 
     train_loader = data.build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
                                      pin_memory=pin, seed=args.seed)
-    if len(train_loader) == 0:
-        raise ConfigError(f"each process gets {len(train_loader.sampler)} of the {len(train_set)} training images, "
-                          f"fewer than --batch_size {args.batch_size}: no full batch; lower --batch_size")
     val_loader = _val_loader(val_set, args, pin)
     train_model = _wrap(model, rt, args.compile)
     log.info("training epochs %d..%d", start_epoch, args.epochs - 1)
@@ -399,7 +394,7 @@ def build_linprobe_model(name: str, args: argparse.Namespace, source: Mapping | 
     model = _create(name, args)
     if source is not None:
         log.info("loading the encoder of --finetune %s", args.finetune)
-        ckpt.load_pretrained(model, source)  # logs what was loaded, initialised fresh, ignored
+        ckpt.load_pretrained(model, source, f"--finetune {args.finetune}")  # logs loaded / fresh / ignored keys
     nn.init.trunc_normal_(model.head.weight, std=0.01)
     nn.init.zeros_(model.head.bias)
     model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
@@ -415,18 +410,22 @@ def run_linprobe(args: argparse.Namespace) -> dict[str, Any]:
 
     Returns the last epoch's val `acc1`, `acc5` (fractions), `loss`, `max_acc1`, and with
     `--cache_features` the weighted k-NN `knn_acc1`, `knn_acc5`."""
-    return _finish(_run_linprobe(args))
+    with contextlib.ExitStack() as run:  # holds the output folder's lock (`_claim_output_folder`)
+        return _finish(_run_linprobe(args, run))
 
 
-def _run_linprobe(args: argparse.Namespace) -> dict[str, Any]:
+def _run_linprobe(args: argparse.Namespace, run: contextlib.ExitStack | None = None) -> dict[str, Any]:
     rt, name, resume_state, source = _prologue(args, "linprobe")
     cached = args.cache_features and not args.eval
     train_tf = data.eval_transform(args.input_size) if cached else data.linprobe_transform(args.input_size, True)
     # Data first: a wrong path fails before anything expensive is built.
     train_set = None if args.eval else data.build_dataset(args.dataset, args.data_path, "train", train_tf, args.download)
+    if train_set is not None and not cached:  # the cached probe trains on all features if fewer than a batch
+        data.require_full_batch(train_set, args.batch_size, rt.world_size)
     val_set = data.build_dataset(args.dataset, args.data_path, "val", data.linprobe_transform(args.input_size, False),
                                  args.download)
     _num_classes(args, train_set, val_set)
+    _claim_output_folder(run, args, rt)
 
     model = build_linprobe_model(name, args, source).to(rt.device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -475,6 +474,7 @@ def _linprobe_cached(
             run_log.write_epoch(resume_state["log_stats"])
     _broadcast(model)
     record_args(args, rt.is_main, args.output_dir)
+    _restore_missing_checkpoint(args, rt, resume_state)
 
     loaders = [data.build_loader(s, args.batch_size, train=False, num_workers=args.num_workers, pin_memory=pin)
                for s in (train_set, val_set)]
@@ -529,7 +529,7 @@ def build_finetune_model(name: str, args: argparse.Namespace, source: Mapping | 
     model = _create(name, args, drop_path_rate=args.drop_path)
     if source is not None:
         log.info("loading the encoder of --finetune %s", args.finetune)
-        report = ckpt.load_pretrained(model, source)  # logs what was loaded, initialised fresh, ignored
+        report = ckpt.load_pretrained(model, source, f"--finetune {args.finetune}")  # logs loaded / fresh / ignored
         if "head.weight" in report.fresh:
             nn.init.trunc_normal_(model.head.weight, std=2e-5)
     return model
@@ -549,19 +549,22 @@ def build_criterion(args: argparse.Namespace) -> nn.Module:
 def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tuning (or `--eval` of a `--resume` checkpoint) as the reference script. Returns the
     last epoch's val `acc1`, `acc5` (fractions), `loss` and `max_acc1`."""
-    return _finish(_run_finetune(args))
+    with contextlib.ExitStack() as run:  # holds the output folder's lock (`_claim_output_folder`)
+        return _finish(_run_finetune(args, run))
 
 
-def _run_finetune(args: argparse.Namespace) -> dict[str, Any]:
+def _run_finetune(args: argparse.Namespace, run: contextlib.ExitStack | None = None) -> dict[str, Any]:
     rt, name, resume_state, source = _prologue(args, "finetune")
     train_set = None
     if not args.eval:
         train_tf = data.finetune_transform(args.input_size, True, color_jitter=args.color_jitter, aa=args.aa,
                                            reprob=args.reprob, remode=args.remode, recount=args.recount)
         train_set = data.build_dataset(args.dataset, args.data_path, "train", train_tf, args.download)
+        data.require_full_batch(train_set, args.batch_size, rt.world_size)
     val_set = data.build_dataset(args.dataset, args.data_path, "val", data.finetune_transform(args.input_size, False),
                                  args.download)
     _num_classes(args, train_set, val_set)
+    _claim_output_folder(run, args, rt)
 
     mixup_fn = None
     if mixup_active(args):

@@ -8,10 +8,10 @@ the reference's command lines and launch scripts work unchanged.
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from .data import DATASETS
+from .errors import one_line_errors
 from .runtime import AMP_DTYPES
 
 # Group titles, in the order `--help` lists them.
@@ -151,16 +151,16 @@ def ungrouped_actions(parser: argparse.ArgumentParser) -> list[str]:
 def run_main(
     build_parser: Callable[[], argparse.ArgumentParser],
     main: Callable[[argparse.Namespace], Any],
-    user_errors: Iterable[type[BaseException]],
+    *,
     argv: list[str] | None = None,
 ) -> None:
-    """`python main_<script>.py ...`: parse (with `-h`), run, and print a user error as one line
-    `error: ...` with exit status 1 instead of a traceback."""
+    """`python main_<script>.py ...`: parse (with `-h`), run, and print a user error (any
+    `errors.UserError`, or an `OSError` such as a log file that cannot be written) as one line
+    `error: ...` with its exit status (2 usage, 1 runtime) instead of a traceback; argparse's own
+    usage errors exit with 2 as always (`errors.one_line_errors`)."""
     parent = build_parser()
     parser = argparse.ArgumentParser(description=parent.description, parents=[parent],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         main(args)
-    except tuple(user_errors) as err:
-        sys.exit(f"error: {err}")

@@ -5,23 +5,36 @@ Three datasets share one interface (`.classes`, `.targets`, `(image, target)` it
 (scikit-learn's bundled 8x8 digits, for smoke tests without any download). `build_dataset` fails
 with a `DataError` naming the path before any model is built, and the image folder survives
 corrupt files instead of crashing mid-epoch.
+
+Training loaders (`build_loader(train=True)`) make each sample's augmentation a function of
+(seed, epoch, sample index) alone: the sampler tags every index with its epoch (`EpochIndex`) and
+`SeededDataset` reseeds torch's, numpy's and Python's global generators from a hash of the three
+around each sample, restoring them afterwards. A run is then the same for any `--num_workers`,
+and a resumed run sees the augmentations the uninterrupted one saw; the main process's random
+streams (masking, mixup) are never touched by the data pipeline. The same loaders collect the
+unreadable images of each epoch over their workers (`epoch_bad_images`).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
+import random
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import default_collate
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from .distributed import get_world_size
+from .errors import UserError
 
 log = logging.getLogger("umae.data")
 
@@ -37,7 +50,7 @@ Transform = Callable[[Any], Any]
 _bad_paths: set[str] = set()
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset is missing, empty or unusable; the message says where it looked."""
 
 
@@ -162,49 +175,94 @@ def eval_transform(input_size: int) -> transforms.Compose:
 # ---------------------------------------------------------------------------------------------
 # datasets
 
+_WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def image_to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB. 16-bit grayscale (`I;16*`) is scaled to 8 bits, v -> round(v * 255 / 65535);
+    32-bit integer (`I`) likewise when its values fit in 16 bits, else by its maximum (negative
+    values become 0). PIL's own `convert("RGB")` clips those modes at 255: near-white images."""
+    if img.mode not in _WIDE_GRAY_MODES:
+        return img.convert("RGB")
+    values = np.asarray(img).astype(np.float64)
+    top = 65535.0
+    if img.mode == "I":
+        values = np.clip(values, 0.0, None)
+        top = max(top, float(values.max(initial=0.0)))
+    gray = np.rint(values * (255.0 / top)).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
+
+
+def load_image(path: str) -> Image.Image:
+    """The image file at `path` as 8-bit RGB (`image_to_rgb`); the image folder's loader."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+        return image_to_rgb(img)
+
 
 class RobustImageFolder(datasets.ImageFolder):
     """`ImageFolder` that replaces an undecodable image by the next readable one.
 
     A corrupt file in a large folder should not kill a multi-day run. The replacement is
-    deterministic (index + 1, + 2, ... wrapping around), so batch shapes never change. Each bad
-    path is logged once, with a running count of bad files in this process; `num_bad` counts this
-    dataset's bad files as seen by this process.
+    deterministic (index + 1, + 2, ... wrapping around), so batch shapes never change. Read
+    directly (`dataset[i]`, evaluation loaders), each bad path is logged once per process, with a
+    running count of bad files in this process; `num_bad` counts this dataset's bad files as seen
+    by this process. Training loaders read through `load_reporting` instead, which returns the bad
+    files met and leaves the warning to the loader (once per path and epoch, over all workers).
+    16-bit and 32-bit grayscale images are scaled to 8 bits (`load_image`).
     """
 
+    can_report_bad_images = True
+
     def __init__(self, root: str | Path, transform: Transform | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("loader", load_image)
         super().__init__(str(root), transform=transform, **kwargs)
         self.bad_paths: set[str] = set()
+        self._bad_reasons: dict[str, str] = {}
 
     @property
     def num_bad(self) -> int:
         return len(self.bad_paths)
 
-    def _mark_bad(self, path: str, err: Exception) -> None:
+    def _mark_bad(self, path: str, err: Exception, quiet: bool) -> None:
         self.bad_paths.add(path)
+        self._bad_reasons[path] = f"{type(err).__name__}: {err}"
         if path not in _bad_paths:
             _bad_paths.add(path)
-            log.warning("skipping unreadable image %s (%s: %s); %d bad image(s) so far in this process",
-                        path, type(err).__name__, err, len(_bad_paths))
+            if not quiet:
+                log.warning("skipping unreadable image %s (%s); %d bad image(s) so far in this process",
+                            path, self._bad_reasons[path], len(_bad_paths))
 
-    def _load(self, index: int) -> tuple[Any, int]:
+    def _load(self, index: int, report: list[tuple[str, str]] | None = None) -> tuple[Any, int]:
+        """The first readable sample from `index` on; with `report`, append (path, reason) for every
+        bad file passed over (known ones too) instead of logging."""
         for offset in range(len(self.samples)):
             path, target = self.samples[(index + offset) % len(self.samples)]
-            if path in self.bad_paths:
-                continue
-            try:
-                return self.loader(path), target
-            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-                self._mark_bad(path, err)
+            if path not in self.bad_paths:
+                try:
+                    return self.loader(path), target
+                except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+                    self._mark_bad(path, err, quiet=report is not None)
+            if report is not None:
+                report.append((path, self._bad_reasons.get(path, "unreadable")))
         raise DataError(f"no readable image in {self.root}")
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        sample, target = self._load(index)
+    def _finish(self, sample: Any, target: int) -> tuple[Any, int]:
         if self.transform is not None:
             sample = self.transform(sample)
         if self.target_transform is not None:
             target = self.target_transform(target)
         return sample, target
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self._finish(*self._load(index))
+
+    def load_reporting(self, index: int) -> tuple[tuple[Any, int], list[tuple[str, str]]]:
+        """(`self[index]`, [(path, reason) of each unreadable file met]), without logging."""
+        report: list[tuple[str, str]] = []
+        item = self._finish(*self._load(index, report))
+        return item, report
 
 
 class DigitsDataset(Dataset):
@@ -296,8 +354,9 @@ def build_dataset(
 
 
 def num_classes(dataset: Dataset) -> int:
-    """Number of classes of a dataset built here (or a `Subset` of one)."""
-    while isinstance(dataset, torch.utils.data.Subset):
+    """Number of classes of a dataset built here (or a `Subset` of one, or a training loader's
+    `SeededDataset` view of one)."""
+    while isinstance(dataset, (torch.utils.data.Subset, SeededDataset)):
         dataset = dataset.dataset
     classes = getattr(dataset, "classes", None)
     if classes is not None:
@@ -309,9 +368,29 @@ def num_classes(dataset: Dataset) -> int:
 # loaders
 
 
+class EpochIndex(int):
+    """A dataset index that also carries the epoch it was drawn for.
+
+    Persistent DataLoader workers hold their own copy of the dataset, so the epoch cannot reach
+    them through the dataset; it travels with every index instead (the samplers below yield these,
+    `SeededDataset` reads them). It is an `int` everywhere else: `list(loader.sampler)` still
+    compares equal to plain indices."""
+
+    epoch: int
+
+    def __new__(cls, index: int, epoch: int) -> "EpochIndex":
+        obj = super().__new__(cls, index)
+        obj.epoch = int(epoch)
+        return obj
+
+    def __reduce__(self) -> tuple[Any, tuple[int, int]]:
+        return EpochIndex, (int(self), self.epoch)
+
+
 class EpochRandomSampler(RandomSampler):
     """`RandomSampler` whose order depends only on (seed, epoch), like `DistributedSampler`, so
-    a resumed single-process run sees the same shuffles as an uninterrupted one."""
+    a resumed single-process run sees the same shuffles as an uninterrupted one (and iterating
+    twice in one epoch gives the same order twice). Yields `EpochIndex`es."""
 
     def __init__(self, data_source: Sequence[Any], seed: int = 0) -> None:
         super().__init__(data_source, generator=torch.Generator())
@@ -319,7 +398,138 @@ class EpochRandomSampler(RandomSampler):
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[EpochIndex]:
+        epoch = self.epoch
         self.generator.manual_seed(self.seed + epoch)
+        return (EpochIndex(i, epoch) for i in super().__iter__())
+
+
+class EpochDistributedSampler(DistributedSampler):
+    """`DistributedSampler` that yields `EpochIndex`es (its order is already (seed, epoch)'s)."""
+
+    def __iter__(self) -> Iterator[EpochIndex]:
+        epoch = self.epoch
+        return (EpochIndex(i, epoch) for i in super().__iter__())
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The 64-bit seed of sample `index`'s augmentation at `epoch`: a hash of the three, the same
+    on every rank, in every worker and in every process."""
+    digest = hashlib.blake2b(f"{int(seed)},{int(epoch)},{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed torch's CPU generator, numpy's and Python's global generators from the 64-bit `seed`
+    (torchvision transforms draw from torch, timm's RandAugment / random erasing from `random`
+    and numpy). CUDA generators are left alone."""
+    torch.default_generator.manual_seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+    random.seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_global_rngs() -> Iterator[None]:
+    """Put torch's CPU generator and numpy's and Python's global generators back as they were on exit."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+class SeededDataset(Dataset):
+    """A training loader's view of `dataset`: item `i` drawn at epoch `e` (an `EpochIndex`; a plain
+    index counts as epoch 0) is `dataset[i]` computed right after
+    `seed_global_rngs(sample_seed(seed, e, i))`, so its augmentation depends on (seed, e, i) only,
+    whichever process computes it. In the main process (`num_workers=0`) the global generators
+    are put back after each batch.
+
+    Otherwise it stands for `dataset`: same length, and attributes (`classes`, `targets`,
+    `transform`, ...) are read from it; `.dataset` is the dataset itself. The loader fetches batches
+    through `__getitems__`, which also returns each item's unreadable files (`RobustImageFolder`)."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.can_report_bad_images = bool(getattr(dataset, "can_report_bad_images", False))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes the wrapper lacks; dunders and private names (pickling,
+        # `__getitems__` probes) must not be forwarded.
+        if name.startswith("_") or "dataset" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["dataset"], name)
+
+    def _fetch(self, index: int) -> tuple[Any, list[tuple[str, str]]]:
+        seed_global_rngs(sample_seed(self.seed, getattr(index, "epoch", 0), int(index)))
+        if self.can_report_bad_images:
+            return self.dataset.load_reporting(int(index))
+        return self.dataset[int(index)], []
+
+    def _fetch_all(self, indices: Sequence[int]) -> list[tuple[Any, list[tuple[str, str]]]]:
+        # A DataLoader worker's generators serve this dataset only: no need to restore them there
+        # (in the main process, once per batch: saving numpy's state costs more than a small image).
+        if torch.utils.data.get_worker_info() is not None:
+            return [self._fetch(i) for i in indices]
+        with preserved_global_rngs():
+            return [self._fetch(i) for i in indices]
+
+    def __getitem__(self, index: int) -> Any:
+        return self._fetch_all([index])[0][0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, list[tuple[str, str]]]]:
+        return self._fetch_all(indices)
+
+
+def _collate_reported(batch: list[tuple[Any, list[tuple[str, str]]]]) -> tuple[Any, list[tuple[str, str]]]:
+    """(the default collation of the items, the batch's unreadable files)."""
+    return default_collate([item for item, _ in batch]), [bad for _, report in batch for bad in report]
+
+
+class TrainLoader(DataLoader):
+    """The training `DataLoader`: iterates like any loader, and gathers the unreadable images met
+    during the current pass over all workers; each is warned about once per pass (epoch)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        self._bad_this_epoch: dict[str, str] = {}
+        for batch, report in super().__iter__():
+            for path, reason in report:
+                if path not in self._bad_this_epoch:
+                    self._bad_this_epoch[path] = reason
+                    log.warning("skipping unreadable image %s (%s); %d bad image(s) so far this epoch",
+                                path, reason, len(self._bad_this_epoch))
+            yield batch
+
+    @property
+    def bad_images(self) -> int | None:
+        """Distinct unreadable images met by this process in the current (or last) epoch; None
+        where the dataset cannot have any (it is not an image folder)."""
+        if not self.dataset.can_report_bad_images:
+            return None
+        return len(getattr(self, "_bad_this_epoch", {}))
+
+
+def epoch_bad_images(loader: Any, device: torch.device | str = "cpu") -> int | None:
+    """Unreadable images `loader` met in its last epoch, summed over processes (all ranks must
+    call it); None for loaders that do not count them (evaluation loaders, foreign loaders, datasets
+    without files to fail)."""
+    count = getattr(loader, "bad_images", None)
+    if count is None:
+        return None
+    if get_world_size() > 1:
+        total = torch.tensor(count, dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(total)
+        count = int(total.item())
+    return count
 
 
 def build_loader(
@@ -335,23 +545,33 @@ def build_loader(
     """A loader that shards with `DistributedSampler` when more than one process runs.
 
     Shuffles when `train`; `drop_last` defaults to `train`. Call `set_epoch` every epoch.
+
+    A training loader (`TrainLoader`) reads `dataset` through `SeededDataset`: each sample's
+    augmentation depends on (`seed`, epoch, index) only, the same for any `num_workers` and on
+    resume, and iterating it leaves the main process's random state as it was. `loader.dataset`
+    is then that view (`.dataset` the dataset itself); `loader.sampler` shuffles as before.
+    Evaluation loaders read `dataset` as is. No loader draws from the global torch generator (its
+    worker base seed comes from a generator of its own).
     """
     sampler: Sampler
     if get_world_size() > 1:
-        sampler = DistributedSampler(dataset, shuffle=train, seed=seed)
+        sampler = (EpochDistributedSampler if train else DistributedSampler)(dataset, shuffle=train, seed=seed)
     elif train:
         sampler = EpochRandomSampler(dataset, seed=seed)
     else:
         sampler = SequentialSampler(dataset)
-    return DataLoader(
-        dataset,
+    options = dict(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=train if drop_last is None else drop_last,
         persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
     )
+    if train:
+        return TrainLoader(SeededDataset(dataset, seed), collate_fn=_collate_reported, **options)
+    return DataLoader(dataset, **options)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
@@ -388,3 +608,15 @@ def make_synthetic_imagefolder(
                 pixels = colour + rng.normal(0.0, 40.0, size=(size, size, 3))
                 Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{n}.png")
     return root
+
+
+def require_full_batch(dataset: Dataset, batch_size: int, world_size: int) -> None:
+    """Refuse a training set too small for one full batch per process (the training loaders drop
+    the last partial batch, so the run would train nothing); raises `UsageError`."""
+    from .errors import UsageError
+
+    per_process = math.ceil(len(dataset) / world_size)  # DistributedSampler pads to equal shards
+    if per_process < batch_size:
+        raise UsageError(f"--batch_size {batch_size} is larger than the {per_process} training images each process "
+                         f"gets ({len(dataset)} images over {world_size} process(es)): no full batch to train on; "
+                         "lower --batch_size")

@@ -11,6 +11,8 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 log = logging.getLogger("umae.distributed")
 
 
@@ -34,7 +36,7 @@ def get_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The launch environment and the distributed flags do not describe a process group that
     can be joined; the message names what is missing."""
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import distributed
+from .data import epoch_bad_images
 from .train_step import accumulation_step, check_finite
 from .logger import Meters, RunLog, progress
 from .metrics import topk_correct
@@ -42,7 +43,9 @@ def train_one_epoch(
     print_freq: int = 20,
     run_log: RunLog | None = None,
 ) -> dict[str, float]:
-    """One epoch of supervised steps; returns the epoch's mean `loss` and `lr`, averaged over ranks.
+    """One epoch of supervised steps; returns the epoch's mean `loss` and `lr`, averaged over ranks,
+    and `bad_images`, the unreadable images the loader met this epoch summed over workers and
+    ranks, when there was at least one (`data.epoch_bad_images`).
 
     As the reference: the lr follows `optim.adjust_learning_rate` (warm-up + cosine from `lr` to
     `min_lr`, each group's `lr_scale` applied), set at every `accum_iter`-th step from the
@@ -84,7 +87,11 @@ def train_one_epoch(
                 x = int((epoch + (step + 1) / steps) * 1000)  # upstream's epoch_1000x axis
                 run_log.scalars({"loss": avg["loss"], "lr": current_lr}, x)
     check_finite(bad, f"in epoch {epoch}")
-    return meters.averages()
+    stats = meters.averages()
+    bad_images = epoch_bad_images(loader, device)
+    if bad_images:  # only when some were met: healthy data keeps the log lines as they were
+        stats["bad_images"] = bad_images
+    return stats
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import distributed
+from .data import epoch_bad_images
 from .logger import Meters, RunLog, progress
 from .metrics import effective_rank, topk_correct
 from .optim import adjust_learning_rate
@@ -58,7 +59,9 @@ def train_one_epoch(
     run_log: RunLog | None = None,
 ) -> dict[str, float]:
     """One epoch of masked-autoencoder steps; returns the epoch's mean `loss`, `loss_mae`,
-    `loss_unif` (U-MAE), `lr` and, with a probe, `probe_loss`, averaged over ranks.
+    `loss_unif` (U-MAE), `lr` and, with a probe, `probe_loss`, averaged over ranks; and
+    `bad_images`, the unreadable images the loader met this epoch summed over workers and ranks,
+    when there was at least one (`data.epoch_bad_images`).
 
     `schedule` holds `lr, min_lr, warmup_epochs, epochs` for the per-step cosine schedule, set at
     every `accum_iter`-th step from the fractional epoch `epoch + step / len(loader)`. Gradient
@@ -104,7 +107,11 @@ def train_one_epoch(
                 x = int((epoch + (step + 1) / steps) * 1000)  # upstream's epoch_1000x axis
                 run_log.scalars({("train_loss" if k == "loss" else k): v for k, v in avg.items()}, x)
     check_finite(bad, f"in epoch {epoch}")
-    return meters.averages()
+    stats = meters.averages()
+    bad_images = epoch_bad_images(loader, device)
+    if bad_images:  # only when some were met: healthy data keeps the log lines as they were
+        stats["bad_images"] = bad_images
+    return stats
 
 
 @torch.no_grad()

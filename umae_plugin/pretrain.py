@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from . import data, distributed
+from . import data, distributed, run_folder
 from .engine_pretrain import OnlineProbe, evaluate_probe, fixed_images, measure_effective_rank, train_one_epoch, unwrap
+from .errors import UsageError, UserError
 from .logger import RunLog
 from .optim import param_groups_weight_decay, resolve_lr
 from .registry import ModelName, create_model, parse_model_name, pretrain_name
@@ -90,17 +91,59 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def check_model_args(args: argparse.Namespace) -> None:
+    """Refuse, before any data is read or file written, a `--model` that names no model, an
+    `--input_size` the (resolved) patch size does not divide, and a `--mask_ratio` that leaves
+    nothing to learn: MAE needs at least one visible and one masked patch, SimMIM at least one
+    masked block. The model is built on the meta device (no memory, no weights); raises
+    `UsageError` naming the flag and the patch counts."""
+    try:
+        with torch.device("meta"):
+            model = build_pretrain_model(args.model, lambda_unif=args.lambda_unif, unif_pool=args.unif_pool,
+                                         **model_overrides(args))
+    except (ValueError, TypeError, KeyError, AssertionError) as err:
+        raise UsageError(f"--model {args.model}: {err}") from None
+    patch = model.patch_embed.patch_size[0]
+    if args.input_size % patch:
+        raise UsageError(f"--input_size {args.input_size} is not a multiple of the patch size {patch} of "
+                         f"{args.model}; pass --patch_size or another --input_size")
+    grid_h, grid_w = model.grid_size
+    patches = grid_h * grid_w
+    where = f"{patches} patches ({args.input_size} px, patch {patch})"
+    block = getattr(model, "mask_block", None)
+    if block is not None:  # SimMIM: square blocks of block x block patches
+        if grid_h % block or grid_w % block:
+            raise UsageError(f"--input_size {args.input_size}: the {grid_h}x{grid_w} patch grid is not a multiple "
+                             f"of SimMIM's {block}x{block} mask blocks")
+        blocks = (grid_h // block) * (grid_w // block)
+        if math.ceil(blocks * args.mask_ratio) < 1:
+            raise UsageError(f"--mask_ratio {args.mask_ratio} masks none of the {blocks} mask blocks of {where}: "
+                             "SimMIM needs at least one masked block")
+        return
+    keep = int(patches * (1 - args.mask_ratio))  # the reference's count of visible patches
+    if keep < 1 or keep > patches - 1:
+        raise UsageError(f"--mask_ratio {args.mask_ratio} keeps {keep} of {where} visible: MAE needs at least "
+                         "one visible and one masked patch")
+
+
 def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     """Pre-train, checkpoint and log as the upstream script does; returns the last epoch's stats."""
     rt: Runtime = setup_runtime(args.device, args.seed, args.amp, dist_url=args.dist_url,
                                 world_size=args.world_size, dist_on_itp=args.dist_on_itp)
-    device = rt.device
+    # Data first: a wrong path, or a batch larger than the data, fails before anything is built or
+    # written. Then the output folder is this run's alone, until the end.
+    train_set, val_set = _datasets(args, rt)
+    with run_folder.claim(args.output_dir, enabled=rt.is_main):
+        return _pretrain(args, rt, train_set, val_set)
 
-    # Data first: a wrong path fails before anything expensive is built.
+
+def _datasets(args: argparse.Namespace, rt: Runtime) -> tuple[Any, Any]:
+    """The training set and, when the effective rank or the online probe needs one, the val set
+    (the training images, unaugmented, when there is no val split and only the rank needs it)."""
     train_set = data.build_dataset(args.dataset, args.data_path, "train", data.pretrain_transform(args.input_size), args.download)
-    need_val = args.online_probe or args.erank_freq > 0
+    data.require_full_batch(train_set, args.batch_size, rt.world_size)
     val_set = None
-    if need_val:
+    if args.online_probe or args.erank_freq > 0:
         try:
             val_set = data.build_dataset(args.dataset, args.data_path, "val", data.eval_transform(args.input_size), args.download)
         except data.DataError as err:
@@ -108,13 +151,19 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
                 raise
             log.warning("no val split (%s): effective rank is measured on training images", err)
             val_set = data.build_dataset(args.dataset, args.data_path, "train", data.eval_transform(args.input_size))
+    return train_set, val_set
+
+
+def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: Any) -> dict[str, Any]:
+    device = rt.device
     pin_memory = args.pin_mem and device.type == "cuda"
     loader = data.build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
                                pin_memory=pin_memory, seed=args.seed)
 
     model = build_pretrain_model(args.model, lambda_unif=args.lambda_unif, unif_pool=args.unif_pool, **model_overrides(args))
     if args.init_from:
-        report = ckpt.load_pretrained(model, args.init_from)
+        report = ckpt.load_pretrained(model, ckpt.read_checkpoint(args.init_from, "--init_from"),
+                                      f"--init_from {args.init_from}")
         log.info("initialised from %s: %s", args.init_from, report)
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
@@ -136,14 +185,19 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     start_epoch = args.start_epoch
     resume = ckpt.resolve_resume(args.resume, args.output_dir)
     if resume is not None:
-        state = ckpt.torch_load(resume)
-        model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if probe is not None and state.get("online_probe"):
-            probe.load_state_dict(state["online_probe"]["model"])
-            probe_optimizer.load_state_dict(state["online_probe"]["optimizer"])
+        state = ckpt.read_checkpoint(resume, "--resume")
+        try:
+            model.load_state_dict(state["model"], strict=True)
+            optimizer.load_state_dict(state["optimizer"])
+            int(state["epoch"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            if probe is not None and state.get("online_probe"):
+                probe.load_state_dict(state["online_probe"]["model"])
+                probe_optimizer.load_state_dict(state["online_probe"]["optimizer"])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as err:
+            raise UserError(f"--resume {resume}: not a checkpoint of this run's model and optimizer "
+                            f"({type(err).__name__}: {ckpt.first_line(err)})") from err
         if rt.world_size == 1:
             set_rng_state(state.get("rng"))
         else:  # only rank 0's state is saved; give every rank its own stream again
@@ -156,6 +210,8 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     if rt.is_main and args.output_dir:
         if resume is not None and state.get("log_stats"):
             run_log.write_epoch(state["log_stats"])  # the line a kill after the checkpoint may have lost
+        if resume is not None:  # the numbered checkpoint a kill during its write lost
+            ckpt.restore_missing_checkpoint(args.output_dir, state, args.save_freq, args.epochs, args.resume)
 
     train_model = model
     if rt.world_size > 1:
@@ -170,7 +226,8 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
                                       pin_memory=pin_memory) if probe is not None else None)
     schedule = dict(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs)
 
-    stats: dict[str, Any] = {}
+    # A finished run asked to resume trains nothing and reports its final epoch's stats.
+    stats: dict[str, Any] = dict(state.get("log_stats") or {}) if resume is not None else {}
     start = time.time()
     for epoch in range(start_epoch, args.epochs):
         data.set_epoch(loader, epoch)
@@ -199,10 +256,7 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
             }
             if probe is not None:
                 state["online_probe"] = {"model": unwrap(probe).state_dict(), "optimizer": probe_optimizer.state_dict()}
-            out = Path(args.output_dir)
-            ckpt.save_atomic(state, out / "checkpoint-last.pth")
-            if epoch % args.save_freq == 0 or last:
-                ckpt.save_atomic(state, out / f"checkpoint-{epoch}.pth")
+            ckpt.save_checkpoint(args.output_dir, state, epoch, args.save_freq, last)
         run_log.write_epoch(stats)
         run_log.scalars({k: v for k, v in stats.items() if k in ("effective_rank", "online_probe_acc1")}, (epoch + 1) * 1000)
         log.info("epoch %d done: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()})

@@ -21,10 +21,11 @@ import torch.nn as nn
 
 from . import data
 from .checkpoint import torch_load
+from .errors import exit_on_error
 from .linprobe_cached import extract_features, knn_accuracy, train_linear_head
 from .metrics import effective_rank, singular_spectrum
 from .pretrain import build_pretrain_model, model_overrides
-from .runtime import DeviceError, resolve_device
+from .runtime import resolve_device
 
 SMALL_VIT = ["--model", "mae_vit_tiny_patch16", "--embed_dim", "128", "--depth", "4", "--num_heads", "4",
              "--decoder_embed_dim", "64", "--decoder_depth", "1", "--decoder_num_heads", "4",
@@ -133,7 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DeviceError as err:
-        sys.exit(f"error: {err}")
+    exit_on_error(main)  # a UserError (DeviceError, DataError, ...) or OSError: one line `error: ...`

@@ -10,18 +10,20 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import distributed
+from .errors import UserError
 
 log = logging.getLogger("umae")
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """`--device` names a device this machine does not have (CUDA without a visible GPU, a GPU
     index past the last one, an unknown device string); the message is one line naming the flag.
     Raised instead of falling back to the CPU, where a long job would quietly run."""
@@ -115,21 +117,38 @@ def setup_runtime(
     return Runtime(dev, resolve_amp(amp, dev), rank, distributed.get_world_size())
 
 
-def get_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """Random state at the end of an epoch, so that a resumed run draws the masks and
-    augmentations the uninterrupted run would have drawn (rank 0's state)."""
-    state = {"cpu": torch.get_rng_state()}
+def get_rng_state(device: torch.device) -> dict[str, Any]:
+    """Random state at the end of an epoch, so that a resumed run draws the masks (torch) and
+    mixup / cutmix choices (numpy) the uninterrupted run would have drawn (rank 0's state).
+    Augmentations do not need it: training loaders seed each sample from (seed, epoch, index).
+
+    Tensors, lists and plain numbers only, so `torch.load(weights_only=True)` reads it back:
+    numpy's MT19937 state as [keys (int64 tensor), pos, has_gauss, cached_gaussian], Python's
+    `random` state as [version, internal state (int64 tensor), gauss_next]."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    version, internal, gauss_next = random.getstate()
+    state["python"] = [int(version), torch.tensor(internal, dtype=torch.int64), gauss_next]
     return state
 
 
-def set_rng_state(state: dict[str, torch.Tensor] | None) -> None:
+def set_rng_state(state: dict[str, Any] | None) -> None:
+    """Restore what `get_rng_state` saved (checkpoints without the numpy / Python parts leave
+    those generators as they are)."""
     if not state:
         return
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    if state.get("numpy") is not None:
+        keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    if state.get("python") is not None:
+        version, internal, gauss_next = state["python"]
+        random.setstate((int(version), tuple(int(v) for v in internal.tolist()), gauss_next))
 
 
 def record_args(args: argparse.Namespace, is_main: bool, output_dir: str | os.PathLike | None = None) -> None:

@@ -38,6 +38,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import UserError, one_line_errors
+
 SCRIPTS = ("pretrain", "linprobe", "finetune")
 JOB_DIR_ENV = "UMAE_JOB_DIR"
 CLUSTERS = ("slurm", "local", "debug")
@@ -47,8 +49,8 @@ RECORD = "submissions.jsonl"  # the launcher's record, one line per submission, 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class LauncherError(RuntimeError):
-    """A submission that cannot work, with the reason."""
+class LauncherError(UserError, RuntimeError):
+    """A submission that cannot work, with the reason (one line; exit status 1)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +550,15 @@ def describe(job, ns: argparse.Namespace, point: str, cluster: str) -> str:
 
 
 def main(argv: Sequence[str], script_dir: str | os.PathLike | None = None) -> int:
+    """`submitit_launcher.py`: the exit status (0 submitted, or with --wait all jobs done; 1 a job
+    failed or the scheduler refused). A user error (a `LauncherError`, a script's `UserError`, an
+    `OSError` writing the record) prints one line `error: ...` and exits with its status
+    (`errors.one_line_errors`); bad flags exit with argparse's usage message (status 2)."""
+    with one_line_errors():
+        return _main(argv, script_dir)
+
+
+def _main(argv: Sequence[str], script_dir: str | os.PathLike | None) -> int:
     import submitit
 
     argv = list(argv)
@@ -561,9 +572,6 @@ def main(argv: Sequence[str], script_dir: str | os.PathLike | None = None) -> in
                 print(f"# {name or 'job'}: {json.dumps(vars(ns), sort_keys=True, default=str)}")
             return 0
         submitted = submit(script, args, script_dir, argv)
-    except LauncherError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as err:
         print(f"error: the scheduler refused the job ({args.cluster}):\n{err}", file=sys.stderr)
         return 1

@@ -14,8 +14,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .errors import UserError
 
-class NonFiniteLossError(FloatingPointError):
+
+class NonFiniteLossError(UserError, FloatingPointError):
     """A loss became NaN or infinite: training stops before any checkpoint is written."""
 
 

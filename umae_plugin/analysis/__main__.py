@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from ..errors import one_line_errors
 from . import TOOLS
 
 
@@ -35,14 +36,11 @@ def main(argv: list[str] | None = None) -> object:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(rest)
 
-    from ..data import DataError
-    from ..runtime import DeviceError, setup_logging
+    from ..runtime import setup_logging
 
     setup_logging(True)
-    try:
+    with one_line_errors():  # a UserError or OSError: one line `error: ...` and its exit status
         return module.main(args)
-    except (DataError, DeviceError) as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":
