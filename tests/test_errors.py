@@ -170,7 +170,7 @@ def test_umae_debug_shows_the_traceback(tmp_path):
                       "--init_from", path], env={errors.DEBUG_ENV: "1"})
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" in proc.stderr and "UserError" in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {path}: a text file, not a PyTorch checkpoint"
+    assert proc.stderr.strip().splitlines()[-1] == f"error: --init_from {path}: a text file, not a PyTorch checkpoint"
 
 
 def test_analysis_tool_refuses_a_malicious_checkpoint(tmp_path):
