@@ -34,7 +34,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from .distributed import get_world_size
-from .errors import UserError
+from .errors import UsageError, UserError
 
 log = logging.getLogger("umae.data")
 
@@ -613,8 +613,6 @@ def make_synthetic_imagefolder(
 def require_full_batch(dataset: Dataset, batch_size: int, world_size: int) -> None:
     """Refuse a training set too small for one full batch per process (the training loaders drop
     the last partial batch, so the run would train nothing); raises `UsageError`."""
-    from .errors import UsageError
-
     per_process = math.ceil(len(dataset) / world_size)  # DistributedSampler pads to equal shards
     if per_process < batch_size:
         raise UsageError(f"--batch_size {batch_size} is larger than the {per_process} training images each process "

@@ -1,7 +1,8 @@
 """A run's output folder: one run at a time, and the housekeeping done at start under that lock.
 
-All three scripts wrap their run in `claim(args.output_dir, enabled=rank == 0)` right after the
-runtime set-up, before anything is written there (args.json, TensorBoard, log.txt, checkpoints):
+All three scripts wrap their run in `claim(args.output_dir, enabled=rank == 0)` once the flags
+and the data are checked, before anything is written there (args.json, TensorBoard, log.txt,
+checkpoints):
 
 * the folder is checked first: an `--output_dir` that is a file, or a folder that cannot be
   created or written, is a `OutputDirError` naming the folder and the cause;
