@@ -53,12 +53,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     cli.add_run_arguments(g)
     lg = g[cli.LOGGING]
     lg.add_argument("--online_probe", action="store_true",
-                    help="train a linear probe on detached features alongside (paper appendix B.5)")
+                    help="train a linear probe on detached features of the masked pass alongside (paper appendix "
+                         "B.5); evaluated on masked (--mask_ratio, fixed masks) and unmasked val views")
+    lg.add_argument("--feature_pool", default=None, choices=FEATURE_POOLS,
+                    help="the online probe's features: mean of the final-normed patch tokens, or the class token "
+                         "(None: --unif_pool)")
     lg.add_argument("--val-interval", "--val_interval", dest="val_interval", default=1, type=int,
                     help="evaluate the online probe every N epochs")
     lg.add_argument("--erank_freq", default=1, type=int,
-                    help="effective rank of --erank_samples fixed val images every N epochs (0: off)")
-    lg.add_argument("--erank_samples", default=100, type=int, help="images the effective rank is measured on")
+                    help="effective rank (uncentred and centred) and uniformity of both pools of --erank_samples "
+                         "fixed val images every N epochs, and before training (0: off)")
+    lg.add_argument("--erank_samples", default=1024, type=int,
+                    help="images the effective rank is measured on (at least the feature dimension)")
     return parser
 
 
@@ -80,6 +86,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.erank_freq < 0:
         parser.error(f"--erank_freq must be >= 0, got {args.erank_freq}")
+    if args.feature_pool is None:
+        args.feature_pool = args.unif_pool
     if args.patch_size is not None and args.input_size % args.patch_size:
         parser.error(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
     try:

@@ -58,14 +58,15 @@ def test_spectrum_closed_forms():
 
 def test_erank_over_epochs_reads_logged_values(tmp_path):
     lines = [
-        json.dumps({"epoch": 0, "train_loss": 1.0, "effective_rank": 3.0}),
+        json.dumps({"epoch": 0, "train_loss": 1.0, "effective_rank_mean": 3.0, "effective_rank_cls": 2.0}),
         "not json",
-        json.dumps({"epoch": 2, "train_loss": 0.8, "effective_rank": 5.0}),
+        json.dumps({"epoch": 2, "train_loss": 0.8, "effective_rank_mean": 5.0}),
         json.dumps({"epoch": 1, "train_loss": 0.9}),  # not measured this epoch
-        json.dumps({"epoch": 2, "train_loss": 0.8, "effective_rank": 6.0}),  # re-logged after a resume
+        json.dumps({"epoch": 2, "train_loss": 0.8, "effective_rank_mean": 6.0}),  # re-logged after a resume
     ]
     (tmp_path / "log.txt").write_text("\n".join(lines) + "\n")
     assert collapse.erank_over_epochs(tmp_path) == ([0, 2], [3.0, 6.0])
+    assert collapse.erank_over_epochs(tmp_path, "effective_rank_cls") == ([0], [2.0])
 
 
 def test_load_model_from_stored_args_and_from_bare_state_dict(tmp_path):
@@ -93,7 +94,7 @@ def test_collapse_cli_on_micro_checkpoints(tmp_path):
     micro_checkpoint(tmp_path / "b.pth", embed_dim=48)
     run = tmp_path / "run"
     run.mkdir()
-    (run / "log.txt").write_text("".join(json.dumps({"epoch": e, "effective_rank": 2.0 + e}) + "\n" for e in range(3)))
+    (run / "log.txt").write_text("".join(json.dumps({"epoch": e, "effective_rank_mean": 2.0 + e}) + "\n" for e in range(3)))
     out = tmp_path / "out"
     cli(["collapse", "--checkpoints", str(tmp_path / "a.pth"), str(tmp_path / "b.pth"), "--labels", "MAE", "U-MAE",
          "--runs", str(run), "--dataset", "digits", "--num_samples", "40", "--device", "cpu",

@@ -20,9 +20,10 @@ def make_sweep(root):
     # a main_linprobe log whose last line has test_acc1.
     a = root / "lambda_unif=0.01"
     write_lines(a / "log.txt", [
-        {"epoch": 0, "train_loss": 0.9, "train_loss_mae": 0.8, "train_loss_unif": -1.0, "effective_rank": 10.0,
-         "online_probe_acc1": 0.30},
-        {"epoch": 1, "train_loss": 0.7, "train_loss_mae": 0.6, "train_loss_unif": -2.0, "effective_rank": 20.0},
+        {"epoch": 0, "train_loss": 0.9, "train_loss_mae": 0.8, "train_loss_unif": -1.0, "effective_rank_mean": 10.0,
+         "online_probe_masked_acc1": 0.30, "online_probe_unmasked_acc1": 0.35},
+        {"epoch": 1, "train_loss": 0.7, "train_loss_mae": 0.6, "train_loss_unif": -2.0, "effective_rank_mean": 20.0,
+         "effective_rank_cls": 15.0, "effective_rank_centered_mean": 19.0, "effective_rank_centered_cls": 14.0},
         {"epoch": 2, "train_loss": 0.5, "train_loss_mae": 0.4, "train_loss_unif": -3.0},
     ])
     (a / "args.json").write_text(json.dumps({"model": "umae_vit_tiny_patch16", "lambda_unif": 0.01}))
@@ -31,8 +32,8 @@ def make_sweep(root):
     (a / "linprobe" / "args.json").write_text("{}")  # a probe folder is not a run
     # lambda 0: plain MAE, linprobe.json.
     b = root / "lambda_unif=0"
-    write_lines(b / "log.txt", [{"epoch": 0, "train_loss": 0.6, "train_loss_mae": 0.6, "effective_rank": 4.0,
-                                 "online_probe_acc1": 0.2}])
+    write_lines(b / "log.txt", [{"epoch": 0, "train_loss": 0.6, "train_loss_mae": 0.6, "effective_rank_mean": 4.0,
+                                 "online_probe_masked_acc1": 0.2, "online_probe_unmasked_acc1": 0.25}])
     (b / "args.json").write_text(json.dumps({"model": "mae_vit_tiny_patch16", "lambda_unif": 0.0}))
     (b / "linprobe.json").write_text(json.dumps({"acc1": 0.41}))
     # lambda 0.001: no args.json (lambda from the folder name), no probe of any kind.
@@ -45,7 +46,11 @@ def test_summarize_run_takes_last_line_with_each_key(tmp_path):
     row = sweep.summarize_run(a)
     assert row["lambda_unif"] == 0.01 and row["epochs"] == 3 and row["model"] == "umae_vit_tiny_patch16"
     assert (row["train_loss"], row["train_loss_mae"], row["train_loss_unif"]) == (0.5, 0.4, -3.0)
-    assert row["effective_rank"] == 20.0 and row["online_probe_acc1"] == pytest.approx(30.0)  # fraction -> %
+    assert row["effective_rank_mean"] == 20.0 and row["online_probe_masked_acc1"] == pytest.approx(30.0)  # fraction -> %
+    assert row["online_probe_unmasked_acc1"] == pytest.approx(35.0)
+    assert (row["effective_rank_cls"], row["effective_rank_centered_mean"], row["effective_rank_centered_cls"]) == (
+        15.0, 19.0, 14.0)
+    assert "effective_rank" not in row and "online_probe_acc1" not in row
     assert row["linprobe_acc1"] == 45.5 and row["linprobe_source"].endswith("linprobe/log.txt")
     row = sweep.summarize_run(b)
     assert row["linprobe_acc1"] == pytest.approx(41.0) and row["train_loss_unif"] is None  # linprobe.json acc1: fraction -> %
@@ -60,7 +65,8 @@ def test_sweep_cli_sorted_by_lambda(tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [r["run"] for r in rows] == ["lambda_unif=0", "lambda_unif=0.001", "lambda_unif=0.01"]
     assert [r["lambda_unif"] for r in rows] == ["0.0", "0.001", "0.01"]
-    assert rows[2]["effective_rank"] == "20.0" and rows[1]["effective_rank"] == ""
+    assert rows[2]["effective_rank_mean"] == "20.0" and rows[1]["effective_rank_mean"] == ""
+    assert rows[0]["online_probe_unmasked_acc1"] == "25.0"
     md = (out / "sweep.md").read_text().splitlines()
     assert md[0].startswith("| run | lambda_unif |") and md[4].startswith("| lambda_unif=0.01 |")
     assert "lambda_unif=0.01" in capsys.readouterr().out

@@ -161,6 +161,22 @@ def test_eval_transform_resize_and_normalize():
     torch.testing.assert_close(out.mean(dim=(1, 2)), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("make", [
+    eval_transform,
+    lambda s: linprobe_transform(s, train=False),
+    lambda s: finetune_transform(s, train=False),
+])
+def test_small_eval_inputs_are_not_cropped(make):
+    """At 64 px or less (CIFAR) evaluation resizes to the input size only: a 32-px image passes
+    unchanged (no 32 -> 36 resize and 32 crop dropping ~21% of it); larger inputs keep 224/256."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    plain = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    torch.testing.assert_close(make(32)(img), plain(img), rtol=0, atol=0)
+    assert make(64).transforms[0].size == 64 and make(64)(img).shape == (3, 64, 64)
+    assert make(96).transforms[0].size == int(96 / 0.875)  # above 64 px: resize to input/0.875, crop
+
+
 # ---------------------------------------------------------------------------------------------
 # image folder
 

@@ -126,3 +126,132 @@ def test_train_linear_head_resumes_and_stops_on_nan():
     assert seen == [2]
     with pytest.raises(NonFiniteLossError):
         train_linear_head(head, feats * float("nan"), labels, epochs=1, batch_size=8, lr=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# both pools in one pass, stratified split, lr search
+
+
+def micro_classifiers():
+    """A `--global_pool` and a `--cls_token` micro classifier with the same encoder weights."""
+    from umae_plugin.registry import create_model
+
+    torch.manual_seed(0)
+    gp = create_model("vit_micro", num_classes=3, global_pool=True).eval()
+    ct = create_model("vit_micro", num_classes=3, global_pool=False).eval()
+    shared = {k: v for k, v in gp.state_dict().items() if not k.startswith("fc_norm")}
+    with torch.no_grad():
+        ct.norm.weight.normal_(1, 0.2), ct.norm.bias.normal_(0, 0.2)  # a norm that is not the identity
+        gp.fc_norm.weight.normal_(1, 0.2), gp.fc_norm.bias.normal_(0, 0.2)
+    ct.load_state_dict({**shared, "norm.weight": ct.norm.weight, "norm.bias": ct.norm.bias}, strict=True)
+    return gp, ct
+
+
+def test_cls_and_mean_features_are_each_classifiers_own_pooling():
+    import copy
+
+    gp, ct = micro_classifiers()
+    x = torch.randn(5, 3, 32, 32)
+    calls = []
+    for model in (gp, ct):
+        model.blocks.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        gp_cls, gp_mean = linprobe_cached.cls_and_mean_features(gp, x)
+        ct_cls, ct_mean = linprobe_cached.cls_and_mean_features(ct, x)
+        assert len(calls) == 2  # one pass of the blocks per model for both pools
+        # the requested pool is exactly the classifier's forward_features
+        assert torch.equal(gp_mean, gp.forward_features(x)) and torch.equal(ct_cls, ct.forward_features(x))
+        # global-pool classifier, class token: its own token pooling (no final norm, no fc_norm)
+        gp_token = copy.deepcopy(gp)
+        gp_token.global_pool, gp_token.fc_norm = "token", nn.Identity()
+        torch.testing.assert_close(gp_cls, gp_token.forward_features(x), rtol=0, atol=0)
+        # class-token classifier, mean pool: the average of the final-normed patch tokens
+        ct_avg = copy.deepcopy(ct)
+        ct_avg.global_pool = "avg"
+        torch.testing.assert_close(ct_mean, ct_avg.forward_features(x), rtol=0, atol=0)
+        tokens = ct.norm(ct.blocks(ct._pos_embed(ct.patch_embed(x))))
+        torch.testing.assert_close(ct_mean, tokens[:, 1:].mean(1))
+        # same encoder: the global-pool classifier's raw class token normed by ct's norm is ct's
+        torch.testing.assert_close(ct.norm(gp_cls), ct_cls)
+    with pytest.raises(TypeError, match="class token"):
+        linprobe_cached.cls_and_mean_features(Features(), x)
+
+
+def test_extract_pooled_features_equals_one_pool_at_a_time():
+    gp, _ = micro_classifiers()
+    x, y = torch.randn(9, 3, 32, 32), torch.arange(9)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    feats, labels = linprobe_cached.extract_pooled_features(gp, loader, torch.device("cpu"))
+    assert set(feats) == {"cls", "mean"} and torch.equal(labels, y)
+    mean, _ = extract_features(gp, loader, torch.device("cpu"))  # forward_features: the mean pool
+    torch.testing.assert_close(feats["mean"], mean, rtol=0, atol=0)
+    cls, _ = extract_features(gp, loader, torch.device("cpu"),
+                              forward=lambda im: linprobe_cached.cls_and_mean_features(gp, im)[0])
+    torch.testing.assert_close(feats["cls"], cls, rtol=0, atol=0)
+    assert feats["cls"].is_contiguous() and feats["mean"].shape == (9, 32)
+
+
+def test_stratified_split_holds_out_ten_percent_of_each_class():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate((100, 50, 31, 7, 2, 1))])
+    labels = labels[torch.randperm(len(labels), generator=g)]
+    fit, held = linprobe_cached.stratified_split(labels, 0.1, seed=3)
+    assert torch.equal(torch.sort(torch.cat([fit, held])).values, torch.arange(len(labels)))  # a partition
+    counts = torch.bincount(labels[held], minlength=6).tolist()
+    assert counts == [10, 5, 3, 1, 1, 0]  # round(0.1 n), at least 1 where a class has 2+, none of a singleton
+    assert torch.equal(held, held.sort().values) and torch.equal(fit, fit.sort().values)
+    again, other = linprobe_cached.stratified_split(labels, 0.1, seed=3)[1], linprobe_cached.stratified_split(labels, 0.1, seed=4)[1]
+    assert torch.equal(held, again) and not torch.equal(held, other)  # fixed by the seed
+
+
+def test_search_lr_picks_from_the_grid_on_held_out_training_features(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4, 16) * 3
+    labels = torch.arange(4).repeat(50)
+    feats = centres[labels] + torch.randn(200, 16, generator=g)
+    torch.manual_seed(0)
+    head = probe_head(16, 4)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    seen = []
+    evaluate = linprobe_cached.evaluate_head
+    monkeypatch.setattr(linprobe_cached, "evaluate_head", lambda h, f, y, *a: seen.append(f) or evaluate(h, f, y, *a))
+    lr, scores = linprobe_cached.search_lr(head, feats, labels, base_lr=2.0, epochs=3, batch_size=32, seed=1)
+    assert set(scores) == {2.0 * f for f in linprobe_cached.LR_FACTORS} and lr in scores
+    assert scores[lr] == max(scores.values())
+    _, held = linprobe_cached.stratified_split(labels, 0.1, seed=1)
+    assert seen and all(torch.equal(f, feats[held]) for f in seen)  # scored on the held-out 10% only
+    assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())  # the template is untouched
+
+
+def test_search_lr_scores_a_diverging_lr_lowest(monkeypatch):
+    feats, labels = torch.randn(40, 8), torch.arange(4).repeat(10)
+    head = probe_head(8, 4)
+    calls = []
+
+    def train(h, f, y, **kw):
+        calls.append(kw["lr"])
+        if kw["lr"] > 5:
+            raise NonFiniteLossError("diverged")
+        return {}  # the candidate stays as it was: every lr scores the same held-out accuracy and loss
+
+    monkeypatch.setattr(linprobe_cached, "train_linear_head", train)
+    lr, scores = linprobe_cached.search_lr(head, feats, labels, base_lr=1.0, epochs=1, batch_size=8)
+    assert calls == [0.1, 0.3, 1.0, 3.0, 10.0]
+    assert scores[10.0] == -1.0 and len(set(scores[f] for f in (0.1, 0.3, 1.0, 3.0))) == 1
+    assert lr == 1.0  # a tie in accuracy and loss: the factor nearest 1
+
+
+def test_probe_features_is_seeded_and_leaves_the_global_generator_alone():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(3, 8) * 4
+    train_labels, val_labels = torch.arange(3).repeat(30), torch.arange(3).repeat(10)
+    train = centres[train_labels] + torch.randn(90, 8, generator=g)
+    val = centres[val_labels] + torch.randn(30, 8, generator=g)
+    state = torch.get_rng_state()
+    kw = dict(num_classes=3, epochs=30, batch_size=16, lr=20.0, warmup_epochs=1, seed=5)
+    a = linprobe_cached.probe_features(train, train_labels, val, val_labels, **kw)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = linprobe_cached.probe_features(train, train_labels, val, val_labels, **kw)
+    assert a == b and a["probe_lr"] == 20.0 and a["acc1"] > 0.9 and a["knn_acc1"] == 1.0
+    searched = linprobe_cached.probe_features(train, train_labels, val, val_labels, lr_search=True, **kw)
+    assert searched["probe_lr"] in {20.0 * f for f in linprobe_cached.LR_FACTORS}

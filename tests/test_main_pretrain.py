@@ -34,11 +34,12 @@ def log_lines(out):
 def test_digits_epoch_end_to_end(tmp_path):
     stats = main_pretrain.main(micro_args(tmp_path, "--online_probe"))
     line = log_lines(tmp_path)[0]
-    for key in ("train_loss", "train_loss_mae", "train_loss_unif", "train_lr", "effective_rank",
-                "online_probe_acc1", "epoch"):
+    for key in ("train_loss", "train_loss_mae", "train_loss_unif", "train_lr", "effective_rank_mean",
+                "online_probe_masked_acc1", "online_probe_unmasked_acc1", "epoch"):
         assert key in line, key
+    assert "effective_rank" not in line and "online_probe_acc1" not in line  # the ambiguous keys are gone
     assert line["train_loss"] == pytest.approx(line["train_loss_mae"] + 0.01 * line["train_loss_unif"], rel=1e-4)
-    assert 1.0 <= stats["effective_rank"] <= 20
+    assert 1.0 <= stats["effective_rank_mean"] <= 20
     saved = json.loads((tmp_path / "args.json").read_text())
     assert saved["lambda_unif"] == 0.01 and saved["model"] == "umae_vit_micro"
     state = ckpt.torch_load(tmp_path / "checkpoint-last.pth")
@@ -150,3 +151,63 @@ def test_bad_images_are_logged_per_epoch_over_workers(tmp_path, caplog):
     assert [line["train_bad_images"] for line in log_lines(out)] == [1, 1]
     warned = [r for r in caplog.records if r.levelname == "WARNING" and str(bad) in r.getMessage()]
     assert len(warned) == 2  # once per epoch, however many workers met it
+
+
+# ---------------------------------------------------------------------------------------------
+# protocols: collapse measures of both pools (also at initialisation), online probe on masked and
+# unmasked val views
+
+
+COLLAPSE_KEYS = [f"{name}_{pool}" for name in ("effective_rank", "effective_rank_centered", "unif")
+                 for pool in ("mean", "cls")]
+INIT_KEYS = [f"{name}_init_{pool}" for name in ("effective_rank", "effective_rank_centered", "unif")
+             for pool in ("mean", "cls")]
+PROBE_KEYS = [f"online_probe_{view}_acc{k}" for view in ("masked", "unmasked") for k in (1, 5)]
+
+
+def test_feature_pool_flag_and_erank_samples_default():
+    args = main_pretrain.check_args(main_pretrain.get_args_parser(), parse("--model", "umae_vit_micro",
+                                                                           "--input_size", "32"))
+    assert args.feature_pool == "mean" and args.erank_samples == 1024
+    args = main_pretrain.check_args(main_pretrain.get_args_parser(), parse(
+        "--model", "umae_vit_micro", "--input_size", "32", "--unif_pool", "cls"))
+    assert args.feature_pool == "cls"  # None: the model's --unif_pool
+    args = main_pretrain.check_args(main_pretrain.get_args_parser(), parse(
+        "--model", "mae_vit_micro", "--input_size", "32", "--unif_pool", "cls", "--feature_pool", "mean"))
+    assert args.feature_pool == "mean"
+    with pytest.raises(SystemExit):
+        parse("--feature_pool", "max")
+
+
+def test_mae_run_logs_both_pools_at_init_and_per_epoch_and_tensorboard(tmp_path, monkeypatch):
+    from umae_plugin.logger import RunLog
+
+    seen = {}
+    monkeypatch.setattr(RunLog, "scalars", lambda self, values, step: seen.update({k: step for k in values}))
+    main_pretrain.main(micro_args(tmp_path, "--epochs", "2", "--online_probe", "--feature_pool", "cls",
+                                  model="mae_vit_micro"))
+    first, second = log_lines(tmp_path)
+    assert "train_loss_unif" not in first  # plain MAE: no per-step uniformity term, yet unif_* is measured
+    for key in COLLAPSE_KEYS + INIT_KEYS + PROBE_KEYS:
+        assert key in first, key
+    for key in COLLAPSE_KEYS + PROBE_KEYS:
+        assert key in second, key
+        assert seen[key] == 2000  # TensorBoard scalar at the end of epoch 1
+    assert not any(k in second for k in INIT_KEYS)  # initial values on the epoch-0 line only
+    assert all(seen[k] == 0 for k in INIT_KEYS)
+    for line in (first, second):
+        for pool in ("mean", "cls"):
+            assert 1.0 <= line[f"effective_rank_{pool}"] <= 20
+            assert 0.0 < line[f"effective_rank_centered_{pool}"] <= 20
+            assert 1 / 20 - 1e-6 <= line[f"unif_{pool}"] <= 1.0
+        for key in PROBE_KEYS:
+            assert 0.0 <= line[key] <= 1.0
+    assert first["effective_rank_init_mean"] != first["effective_rank_mean"]  # measured before training
+
+
+def test_resumed_run_does_not_measure_at_init(tmp_path):
+    main_pretrain.main(micro_args(tmp_path))
+    main_pretrain.main(micro_args(tmp_path, "--epochs", "2", "--resume", "auto"))
+    first, second = log_lines(tmp_path)
+    assert all(k in first for k in INIT_KEYS) and not any(k in second for k in INIT_KEYS)
+    assert all(k in second for k in COLLAPSE_KEYS)

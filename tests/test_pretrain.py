@@ -40,7 +40,7 @@ def test_finished_run_asked_to_resume_reports_its_final_stats(tmp_path):
     first = main_pretrain.main(parse(*argv))
     again = main_pretrain.main(parse(*argv))  # resumes at the final epoch: nothing left to train
     assert again["epoch"] == first["epoch"] == 0
-    for key in ("train_loss", "train_loss_mae", "train_lr", "effective_rank"):
+    for key in ("train_loss", "train_loss_mae", "train_lr", "effective_rank_mean", "effective_rank_init_cls"):
         assert again[key] == pytest.approx(first[key]), key
 
 

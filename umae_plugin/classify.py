@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -22,10 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from . import checkpoint as ckpt
-from . import data, distributed, run_folder
+from . import baselines, data, distributed, run_folder
 from .engine_classify import evaluate, train_one_epoch
 from .errors import UsageError, UserError
-from .linprobe_cached import extract_features, knn_accuracy, train_linear_head
+from .linprobe_cached import (HELD_OUT_FRACTION, LR_FACTORS, POOLS, evaluate_head, extract_pooled_features,
+                              knn_accuracy, search_lr, train_head_epoch, train_linear_head)
 from .logger import RunLog
 from .optim import build_lars, param_groups_layer_decay, resolve_lr
 from .runtime import get_rng_state, set_rng_state
@@ -409,12 +411,24 @@ def run_linprobe(args: argparse.Namespace) -> dict[str, Any]:
     """Linear probing as the reference script (or on cached features with `--cache_features`).
 
     Returns the last epoch's val `acc1`, `acc5` (fractions), `loss`, `max_acc1`, and with
-    `--cache_features` the weighted k-NN `knn_acc1`, `knn_acc5`."""
+    `--cache_features` the weighted k-NN `knn_acc1`, `knn_acc5`, both pools' `test_acc{1,5}_cls`,
+    `test_acc{1,5}_mean`, `knn_acc{1,5}_cls`, `knn_acc{1,5}_mean` (the unsuffixed keys are the
+    requested pool's), the heads' lr `probe_lr` (requested pool), `probe_lr_cls`, `probe_lr_mean`,
+    and with `--baselines` `raw_pixels_{logreg,knn}_acc{1,5}`, `random_init_acc{1,5}`,
+    `random_init_knn_acc{1,5}`, `random_init_probe_lr` (`_linprobe_cached`)."""
     with contextlib.ExitStack() as run:  # holds the output folder's lock (`_claim_output_folder`)
         return _finish(_run_linprobe(args, run))
 
 
+def check_linprobe_flags(args: argparse.Namespace) -> None:
+    """`--lr_search` and `--baselines` work on cached features only; raises `ConfigError`."""
+    for flag in ("lr_search", "baselines"):
+        if getattr(args, flag, False) and not args.cache_features:
+            raise ConfigError(f"--{flag} needs --cache_features (it works on features extracted once)")
+
+
 def _run_linprobe(args: argparse.Namespace, run: contextlib.ExitStack | None = None) -> dict[str, Any]:
+    check_linprobe_flags(args)
     rt, name, resume_state, source = _prologue(args, "linprobe")
     cached = args.cache_features and not args.eval
     train_tf = data.eval_transform(args.input_size) if cached else data.linprobe_transform(args.input_size, True)
@@ -461,15 +475,43 @@ def _linprobe_cached(
     n_parameters: int,
     pin: bool,
 ) -> dict[str, Any]:
-    """`--cache_features`: features of unaugmented images once, then the head on them. Every
-    process extracts its shard and trains the same head on all features (no DDP needed); the
-    head's batch is the effective batch `batch_size * accum_iter * world_size`."""
+    """`--cache_features`: features of unaugmented images once, then the heads on them. Every
+    process extracts its shard and trains the same heads on all features (no DDP needed); a
+    head's batch is the effective batch `batch_size * accum_iter * world_size`.
+
+    One pass of the frozen encoder gives both pools (`linprobe_cached.cls_and_mean_features`
+    states what each is for a `--global_pool` and a `--cls_token` classifier), and a head is
+    trained on each with the same protocol (same initial weights, LARS, schedule, batches),
+    epoch by epoch in step. The requested pool's head (`--global_pool`: mean, `--cls_token`:
+    cls) is `model.head`: its numbers are `acc1` / `test_acc1` / `knn_acc1` as before, and the
+    checkpoint holds it as `model` (strict-loadable); the other pool's head is the checkpoint's
+    `other_pool` entry. `--lr_search`: each pool's lr is picked by `linprobe_cached.search_lr` on
+    a stratified 10% of the training features (split seeded by `--seed`; val is never seen) and
+    kept in the checkpoint (`lr_search`), so a resumed run reuses it. `--baselines`: raw-pixel
+    and random-initialisation baselines (`umae_plugin.baselines`), computed once."""
     run_log = RunLog(args.output_dir or None, args.log_dir or None, enabled=rt.is_main)
+    pool = "mean" if args.global_pool else "cls"
+    other = "cls" if pool == "mean" else "mean"
+    lr_search = bool(getattr(args, "lr_search", False))
+    fresh = copy.deepcopy(model.head)  # the initial head: the start of both pools' heads and of every lr tried
+    _broadcast(fresh)
+    other_head = copy.deepcopy(fresh)
+    other_optimizer = build_lars(other_head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start_epoch, max_acc1 = args.start_epoch, 0.0
+    other_start, searched = args.start_epoch, None
     if resume_state is not None:
         start = load_resume_state(resume_state, model, optimizer)
         start_epoch = start if start is not None else start_epoch
         max_acc1 = float(resume_state.get("max_accuracy", 0.0))
+        saved = resume_state.get("other_pool")
+        if isinstance(saved, Mapping) and saved.get("pool") == other:
+            other_head.load_state_dict(saved["head"])
+            if start is not None and "optimizer" in saved and "epoch" in saved:
+                other_optimizer.load_state_dict(saved["optimizer"])
+                other_start = int(saved["epoch"]) + 1
+        if lr_search and isinstance(resume_state.get("lr_search"), Mapping) and set(resume_state["lr_search"]) == set(POOLS):
+            searched = {p: float(v) for p, v in resume_state["lr_search"].items()}
+            log.info("lr search: the checkpoint's choice, %s", searched)
         if rt.is_main and resume_state.get("log_stats"):
             run_log.write_epoch(resume_state["log_stats"])
     _broadcast(model)
@@ -478,45 +520,114 @@ def _linprobe_cached(
 
     loaders = [data.build_loader(s, args.batch_size, train=False, num_workers=args.num_workers, pin_memory=pin)
                for s in (train_set, val_set)]
-    forward = torch.compile(model.forward_features) if args.compile else None
     start = time.time()
     (train_feats, train_labels), (val_feats, val_labels) = [
-        extract_features(model, loader, rt.device, rt.autocast, forward=forward, print_freq=args.print_freq)
+        extract_pooled_features(model, loader, rt.device, rt.autocast, compile_forward=args.compile,
+                                print_freq=args.print_freq)
         for loader in loaders]
-    log.info("cached features: train %s, val %s in %.1f s", tuple(train_feats.shape), tuple(val_feats.shape),
-             time.time() - start)
-    knn = knn_accuracy(train_feats, train_labels, val_feats, val_labels, k=KNN_K, temperature=KNN_TEMPERATURE,
-                       num_classes=args.nb_classes)
-    log.info("weighted %d-NN (T=%g): top-1 %.2f%%, top-5 %.2f%%", KNN_K, KNN_TEMPERATURE, knn["acc1"] * 100, knn["acc5"] * 100)
-    knn_line = _percent({"test_knn_acc1": knn["acc1"], "test_knn_acc5": knn["acc5"]})
+    log.info("cached features (class token and mean pool, one pass): train %s, val %s in %.1f s",
+             tuple(train_feats[pool].shape), tuple(val_feats[pool].shape), time.time() - start)
+    knn = {p: knn_accuracy(train_feats[p], train_labels, val_feats[p], val_labels, k=KNN_K,
+                           temperature=KNN_TEMPERATURE, num_classes=args.nb_classes) for p in POOLS}
+    for p in POOLS:
+        log.info("weighted %d-NN (T=%g), %s: top-1 %.2f%%, top-5 %.2f%%", KNN_K, KNN_TEMPERATURE, p,
+                 knn[p]["acc1"] * 100, knn[p]["acc5"] * 100)
+
+    batch = args.batch_size * args.accum_iter * rt.world_size
+    schedule = dict(epochs=args.epochs, batch_size=batch, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
+                    seed=args.seed)
+    lrs = {p: args.lr for p in POOLS}
+    if lr_search:
+        if searched is None:
+            searched = {p: search_lr(fresh, train_feats[p], train_labels, base_lr=args.lr,
+                                     weight_decay=args.weight_decay, **schedule)[0] for p in POOLS}
+            log.info("lr search (held-out %d%% of train, lr %.3e x %s): picked %s", round(HELD_OUT_FRACTION * 100),
+                     args.lr, LR_FACTORS, searched)
+        lrs = searched
+    baseline_stats: dict[str, float] = {}
+    if getattr(args, "baselines", False):
+        baseline_stats = _linprobe_baselines(args, rt, train_set, val_set, pin, batch, lr_search)
+    constant_line = {
+        **_percent({"test_knn_acc1": knn[pool]["acc1"], "test_knn_acc5": knn[pool]["acc5"],
+                    **{f"knn_{m}_{p}": knn[p][m] for p in POOLS for m in ("acc1", "acc5")}, **baseline_stats}),
+        "probe_lr": lrs[pool], **{f"probe_lr_{p}": lrs[p] for p in POOLS},
+    }
+
+    def train_other(epoch: int) -> dict[str, float]:
+        stats = train_head_epoch(other_head, train_feats[other], train_labels, other_optimizer, epoch=epoch,
+                                 lr=lrs[other], **schedule)
+        return stats
+
+    if other_start < start_epoch:
+        log.info("the checkpoint holds no %s-pool head at epoch %d: training it for epochs %d..%d",
+                 other, start_epoch - 1, other_start, start_epoch - 1)
+    for epoch in range(other_start, start_epoch):
+        train_other(epoch)
+    other_val: dict[str, float] | None = None
 
     def on_epoch_end(epoch: int, train_stats: dict, val_stats: dict) -> None:
-        nonlocal max_acc1
+        nonlocal max_acc1, other_val
+        train_other(epoch)
+        other_val = evaluate_head(other_head, val_feats[other], val_labels)
+        by_pool = {pool: val_stats, other: other_val}
         max_acc1 = max(max_acc1, val_stats["acc1"])
         line = {**{f"train_{k}": v for k, v in train_stats.items()},
-                **_percent({f"test_{k}": v for k, v in val_stats.items()}), **knn_line,
-                "epoch": epoch, "n_parameters": n_parameters}
+                **_percent({f"test_{k}": v for k, v in val_stats.items()}),
+                **_percent({f"test_{m}_{p}": by_pool[p][m] for p in POOLS for m in ("acc1", "acc5")}),
+                **constant_line, "epoch": epoch, "n_parameters": n_parameters}
         if args.output_dir and rt.is_main:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "scaler": None, "args": args, "log_stats": line, "max_accuracy": max_acc1}
+                     "scaler": None, "args": args, "log_stats": line, "max_accuracy": max_acc1,
+                     "other_pool": {"pool": other, "head": other_head.state_dict(),
+                                    "optimizer": other_optimizer.state_dict(), "epoch": epoch},
+                     "lr_search": dict(lrs) if lr_search else None}
             save_checkpoint(args.output_dir, state, epoch, args.save_freq, last=epoch + 1 == args.epochs)
         run_log.write_epoch(line)
         run_log.scalars({f"perf/test_{k}": v for k, v in _percent(val_stats).items()}, epoch)
-        log.info("epoch %d: train loss %.4f, val top-1 %.2f%% (max %.2f%%)", epoch, train_stats["loss"],
-                 val_stats["acc1"] * 100, max_acc1 * 100)
+        run_log.scalars({f"perf/test_acc1_{p}": by_pool[p]["acc1"] * 100 for p in POOLS}, epoch)
+        log.info("epoch %d: train loss %.4f, val top-1 %.2f%% (max %.2f%%); %s pool %.2f%%", epoch,
+                 train_stats["loss"], val_stats["acc1"] * 100, max_acc1 * 100, other, other_val["acc1"] * 100)
 
     result = train_linear_head(
-        model.head, train_feats, train_labels, epochs=args.epochs,
-        batch_size=args.batch_size * args.accum_iter * rt.world_size, lr=args.lr, min_lr=args.min_lr,
-        warmup_epochs=args.warmup_epochs, optimizer=optimizer, start_epoch=start_epoch, seed=args.seed,
-        val_feats=val_feats, val_labels=val_labels, on_epoch_end=on_epoch_end,
+        model.head, train_feats[pool], train_labels, epochs=args.epochs, batch_size=batch, lr=lrs[pool],
+        min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, optimizer=optimizer, start_epoch=start_epoch,
+        seed=args.seed, val_feats=val_feats[pool], val_labels=val_labels, on_epoch_end=on_epoch_end,
     )
+    if other_val is None:  # no epoch left to train: the other head as it is
+        other_val = evaluate_head(other_head, val_feats[other], val_labels)
+    by_pool = {pool: result, other: other_val}
     max_acc1 = max(max_acc1, result["acc1"])
     log.info("Accuracy of the network on the %d test images: %.1f%%", len(val_set), result["acc1"] * 100)
     log.info("Max accuracy: %.2f%%", max_acc1 * 100)
     run_log.close()
-    return {**result, "max_acc1": max_acc1, "knn_acc1": knn["acc1"], "knn_acc5": knn["acc5"],
+    return {**result, "max_acc1": max_acc1, "knn_acc1": knn[pool]["acc1"], "knn_acc5": knn[pool]["acc5"],
+            **{f"test_{m}_{p}": by_pool[p][m] for p in POOLS for m in ("acc1", "acc5")},
+            **{f"knn_{m}_{p}": knn[p][m] for p in POOLS for m in ("acc1", "acc5")},
+            "probe_lr": lrs[pool], **{f"probe_lr_{p}": lrs[p] for p in POOLS}, **baseline_stats,
             "wall_time_s": time.time() - start}
+
+
+def _linprobe_baselines(
+    args: argparse.Namespace, rt: Runtime, train_set: Dataset, val_set: Dataset, pin: bool, batch: int,
+    lr_search: bool,
+) -> dict[str, float]:
+    """`--baselines`: raw pixels (logistic regression, k-NN) of the same eval-transformed images,
+    and the same classifier freshly initialised from `--seed`, probed with the same protocol
+    (requested pool, schedule, and lr search when on)."""
+    start = time.time()
+    stats = baselines.raw_pixel_baselines(train_set, val_set, num_classes=args.nb_classes, k=KNN_K,
+                                          temperature=KNN_TEMPERATURE, seed=args.seed,
+                                          batch_size=args.batch_size, num_workers=args.num_workers)
+    name = classifier_name(args.model)
+    stats.update(baselines.random_init_baseline(
+        lambda: _create(name, args), train_set, val_set, num_classes=args.nb_classes, epochs=args.epochs,
+        batch_size=batch, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
+        weight_decay=args.weight_decay, seed=args.seed, lr_search=lr_search, device=rt.device, autocast=rt.autocast,
+        loader_batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=pin, print_freq=args.print_freq,
+        k=KNN_K, temperature=KNN_TEMPERATURE))
+    log.info("baselines in %.1f s: %s", time.time() - start,
+             ", ".join(f"{k} {v * 100:.2f}%" if "acc" in k else f"{k} {v:.3g}" for k, v in stats.items()))
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------

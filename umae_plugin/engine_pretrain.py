@@ -1,10 +1,15 @@
 """The pre-training loop: one epoch of MAE / U-MAE steps, the online linear probe, and the
-collapse measurement. Explicit arguments, no `args` namespace."""
+collapse measurement. Explicit arguments, no `args` namespace.
+
+Features, everywhere here, are `models_mae.pool_latent` of the encoder's normalised output (the
+final norm applied to every token): `mean` averages the patch tokens (class token excluded),
+`cls` takes the class token, exactly as the models pool `terms["features"]` for the uniformity
+term."""
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -14,7 +19,9 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .data import epoch_bad_images
 from .logger import Meters, RunLog, progress
-from .metrics import effective_rank, topk_correct
+from .losses import uniformity_loss
+from .metrics import effective_rank, effective_rank_centered, topk_correct
+from .models_mae import FEATURE_POOLS, pool_latent
 from .optim import adjust_learning_rate
 from .train_step import accumulation_step, check_finite
 
@@ -41,6 +48,39 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+class LatentTap:
+    """The online probe's training features when they are pooled otherwise than the model's own
+    `terms["features"]` (its `feature_pool`, which the uniformity term uses): a forward hook on
+    the encoder's final norm pools its output, detached, with `pool_latent(latent, pool)` during
+    the model's own masked pass (no extra forward). `features()` returns the last pass's."""
+
+    def __init__(self, model: nn.Module, pool: str) -> None:
+        if pool not in FEATURE_POOLS:
+            raise ValueError(f"unknown feature pool {pool!r}; expected one of {FEATURE_POOLS}")
+        self.pool = pool
+        self._features: torch.Tensor | None = None
+        self._handle = unwrap(model).norm.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self._features = pool_latent(output.detach(), self.pool)
+
+    def features(self) -> torch.Tensor:
+        if self._features is None:
+            raise RuntimeError("LatentTap: no forward pass since the last call")
+        out, self._features = self._features, None
+        return out
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def make_probe_tap(model: nn.Module, pool: str) -> LatentTap | None:
+    """A `LatentTap` when `pool` differs from the pool of the model's `terms["features"]`, else
+    None (those features are `pool_latent(latent, pool)` of the same pass already). Make it once
+    per run, before any `torch.compile` trace."""
+    return None if getattr(unwrap(model), "feature_pool", None) == pool else LatentTap(model, pool)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -55,6 +95,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     probe: nn.Module | None = None,
     probe_optimizer: torch.optim.Optimizer | None = None,
+    probe_tap: LatentTap | None = None,
     print_freq: int = 20,
     run_log: RunLog | None = None,
 ) -> dict[str, float]:
@@ -71,6 +112,10 @@ def train_one_epoch(
     forwarded, backpropagated and logged, but their gradients are never applied (the next epoch's
     start discards them; DDP skips their all-reduce). The host reads device values only every
     `print_freq` steps and at the end of the epoch.
+
+    The probe trains on the detached features of the same masked pass: the model's
+    `terms["features"]` (`pool_latent(latent, model.feature_pool)`), or those of `probe_tap`
+    (`make_probe_tap`: the same latent pooled another way), without an extra forward.
     """
     model.train()
     meters = Meters()
@@ -91,7 +136,8 @@ def train_one_epoch(
         values["loss"] = loss
         if probe is not None:
             targets = targets.to(device, non_blocking=True)
-            probe_loss = F.cross_entropy(probe(terms["features"].detach().float()), targets)
+            feats = probe_tap.features() if probe_tap is not None else terms["features"].detach()
+            probe_loss = F.cross_entropy(probe(feats.float()), targets)
             probe_optimizer.zero_grad(set_to_none=True)
             probe_loss.backward()
             probe_optimizer.step()
@@ -114,43 +160,127 @@ def train_one_epoch(
     return stats
 
 
+PROBE_MASK_SEED = 0  # the online probe's val masks: the same draws at every evaluation
+
+
+def _collapse_measures(feats: torch.Tensor) -> dict[str, float]:
+    """Effective rank (uncentred: the paper's appendix B.1; centred) and uniformity of float32
+    `feats` [n, D], computed outside autocast."""
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        return {
+            "effective_rank": effective_rank(feats),
+            "effective_rank_centered": effective_rank_centered(feats),
+            "unif": float(uniformity_loss(feats, gather=False)),
+        }
+
+
 @torch.no_grad()
-def measure_effective_rank(model: nn.Module, images: torch.Tensor, autocast=contextlib.nullcontext) -> float:
-    """Effective rank of the pooled features of unmasked `images` (the model's own pooling)."""
+def measure_collapse(
+    model: nn.Module, images: torch.Tensor, *, batch_size: int, autocast=contextlib.nullcontext, init: bool = False
+) -> dict[str, float]:
+    """Collapse measures of the features of unmasked `images` for both pools, whatever the model's:
+    `effective_rank_{mean,cls}` (uncentred, as the paper), `effective_rank_centered_{mean,cls}`
+    and `unif_{mean,cls}` (`losses.uniformity_loss` of the batch, not gathered). `mean` is the
+    mean of the final-normed patch tokens, `cls` the final-normed class token. The encoder runs
+    under `autocast` in batches of `batch_size`; the measures are computed on float32 features
+    outside it. With `init`, the keys read `effective_rank_init_mean`, ... (before training)."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    with autocast():
-        feats = model.forward_features(images)
-    model.train(was_training)
-    return effective_rank(feats.float())
+    pooled: dict[str, list[torch.Tensor]] = {p: [] for p in FEATURE_POOLS}
+    try:
+        for chunk in images.split(max(1, batch_size)):
+            with autocast():
+                latent = model.forward_latent(chunk)
+            for pool in FEATURE_POOLS:
+                pooled[pool].append(pool_latent(latent, pool).float())
+    finally:
+        model.train(was_training)
+    stats = {}
+    for pool in FEATURE_POOLS:
+        for name, value in _collapse_measures(torch.cat(pooled[pool])).items():
+            stats[f"{name}_init_{pool}" if init else f"{name}_{pool}"] = value
+    return stats
+
+
+def masked_latent(model: nn.Module, imgs: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """The normalised encoder output of masked `imgs`, as the model's training pass computes it
+    (masks from the current random state): MAE's `forward_encoder` (visible patches only, class
+    token first); SimMIM's block mask and `_encode` (mask tokens in place of masked patches)."""
+    if hasattr(model, "forward_encoder"):
+        return model.forward_encoder(imgs, mask_ratio)[0]
+    if hasattr(model, "mask_block") and hasattr(model, "_encode"):
+        from .models_simmim import block_mask
+
+        mask = block_mask(imgs.shape[0], model.grid_size, mask_ratio, model.mask_block, imgs.device)
+        return model._encode(imgs, mask)
+    raise TypeError(f"{type(model).__name__}: no masked encoder pass (forward_encoder or SimMIM's _encode)")
+
+
+@contextlib.contextmanager
+def seeded_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Inside: the CPU generator and `device`'s own generator seeded with `seed`; on exit both are
+    put back as they were, so the run's random stream is not disturbed."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"):
+            torch.default_generator.manual_seed(seed)
+            torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+    elif device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(device_type=device.type):
+            torch.manual_seed(seed)
+            yield
 
 
 @torch.no_grad()
 def evaluate_probe(
-    model: nn.Module, probe: nn.Module, loader: DataLoader, device: torch.device, autocast=contextlib.nullcontext
+    model: nn.Module,
+    probe: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    autocast=contextlib.nullcontext,
+    *,
+    mask_ratio: float,
+    pool: str,
+    mask_seed: int = PROBE_MASK_SEED,
 ) -> dict[str, float]:
-    """Top-1 / top-5 accuracy of the online probe on unmasked images (counts summed over ranks).
-
-    The U-MAE reference evaluates its probe on 75%-masked views; unmasked images are what a
-    linear probe sees, so the number is comparable to linear-probe accuracy."""
+    """Top-1 / top-5 accuracy (fractions; counts summed over ranks) of the online probe on the
+    val images, both masked and unmasked: `online_probe_masked_acc{1,5}` on views masked with
+    `mask_ratio` as in training (the U-MAE reference's protocol, the paper's Table 4; the probe
+    is trained on such features), and `online_probe_unmasked_acc{1,5}` on whole images (what a
+    linear probe sees). Features are `pool_latent(latent, pool)` of the encoder's normalised
+    output, as in training. The masks are drawn from generators seeded with `mask_seed` (+ the
+    rank) inside `seeded_rng`: the same masks at every evaluation, the run's random state
+    untouched."""
     model, probe = unwrap(model), unwrap(probe)
     was_training = model.training, probe.training
     model.eval()
     probe.eval()
-    counts = torch.zeros(3, device=device)
-    for imgs, targets in loader:
-        imgs, targets = imgs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast():
-            feats = model.forward_features(imgs)
-        top1, top5 = topk_correct(probe(feats.float()), targets, (1, 5))
-        counts += torch.stack([top1.float(), top5.float(), torch.tensor(float(len(targets)), device=device)])
-    model.train(was_training[0])
-    probe.train(was_training[1])
+    counts = torch.zeros(5, device=device)  # masked top1, top5, unmasked top1, top5, n
+    try:
+        with seeded_rng(device, mask_seed + distributed.get_rank()):
+            for imgs, targets in loader:
+                imgs, targets = imgs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                with autocast():
+                    masked = pool_latent(masked_latent(model, imgs, mask_ratio), pool)
+                    whole = pool_latent(model.forward_latent(imgs), pool)
+                hits = [*topk_correct(probe(masked.float()), targets, (1, 5)),
+                        *topk_correct(probe(whole.float()), targets, (1, 5))]
+                counts += torch.stack([*(h.float() for h in hits), torch.tensor(float(len(targets)), device=device)])
+    finally:
+        model.train(was_training[0])
+        probe.train(was_training[1])
     if distributed.get_world_size() > 1:
         torch.distributed.all_reduce(counts)
-    top1, top5, n = counts.tolist()
-    return {"online_probe_acc1": top1 / max(n, 1), "online_probe_acc5": top5 / max(n, 1)}
+    m1, m5, u1, u5, n = counts.tolist()
+    n = max(n, 1)
+    return {"online_probe_masked_acc1": m1 / n, "online_probe_masked_acc5": m5 / n,
+            "online_probe_unmasked_acc1": u1 / n, "online_probe_unmasked_acc5": u5 / n}
 
 
 def fixed_images(dataset: Any, num: int, seed: int = 0) -> torch.Tensor:

@@ -10,22 +10,31 @@ missing RandomResizedCrop + flip augmentation of the training images.
 to every training feature, the k most similar vote for their class with weight
 `exp(similarity / temperature)`.
 
+`cls_and_mean_features` gives a ViT classifier's class-token and mean-pooled features from one
+pass of its blocks (`extract_pooled_features` over a loader), so both pools are probed at the cost
+of one extraction. `search_lr` picks the head's lr on a stratified held-out part of the training
+features (`stratified_split`), never on val; `probe_features` is the whole protocol (seeded head,
+optional lr search, linear head, k-NN) on given features, for baselines and tables.
+
 Accuracies are fractions in [0, 1]. Plain functions with explicit arguments.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import math
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import vision_transformer as timm_vit
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import distributed
-from .train_step import check_finite
+from .train_step import NonFiniteLossError, check_finite
 from .logger import progress
 from .metrics import topk_correct
 from .optim import adjust_learning_rate, build_lars
@@ -34,6 +43,10 @@ log = logging.getLogger("umae")
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 EpochHook = Callable[[int, dict, dict], None]
+
+POOLS = ("cls", "mean")
+LR_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)  # `search_lr`: candidates are the base lr times these
+HELD_OUT_FRACTION = 0.1  # `search_lr`: part of each training class held out to score the candidates
 
 
 def _gather_shards(x: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -178,6 +191,35 @@ def train_linear_head(
 
 
 @torch.no_grad()
+def knn_votes(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Weighted k-NN class scores [M, num_classes] of `val_feats` [M, D] against the bank
+    `train_feats` [N, D], as in DINO's `eval_knn.py`: features are L2-normalised; each val sample
+    takes the `k` (capped at N) training samples of highest cosine similarity s, each adding
+    `exp(s / temperature)` to its class's score. Val samples are processed `chunk_size` at a
+    time, so memory is [chunk_size, N]."""
+    if num_classes is None:
+        num_classes = int(train_labels.max()) + 1
+    bank = F.normalize(train_feats.float(), dim=1)
+    bank_labels = train_labels.to(bank.device).long()
+    k = min(k, len(bank_labels))
+    out = []
+    for start in range(0, len(val_feats), chunk_size):
+        query = F.normalize(val_feats[start:start + chunk_size].float().to(bank.device), dim=1)
+        sims, idx = (query @ bank.T).topk(k, dim=1)  # [B, k]
+        votes = torch.zeros(len(query), num_classes, device=bank.device)
+        votes.scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
+        out.append(votes)
+    return torch.cat(out) if out else torch.zeros(0, num_classes, device=bank.device)
+
+
 def knn_accuracy(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -188,27 +230,163 @@ def knn_accuracy(
     num_classes: int | None = None,
     chunk_size: int = 256,
 ) -> dict[str, float]:
-    """Weighted k-NN top-1 / top-5 accuracy (fractions) of `val_feats` [M, D] against the bank
-    `train_feats` [N, D], as in DINO's `eval_knn.py`.
-
-    Features are L2-normalised; each val sample takes the `k` (capped at N) training samples of
-    highest cosine similarity s, each adds `exp(s / temperature)` to its class's score, and the
-    classes are ranked by score. Val samples are processed `chunk_size` at a time, so memory is
-    [chunk_size, N].
-    """
+    """Weighted k-NN top-1 / top-5 accuracy (fractions) of `val_feats` against the bank
+    `train_feats` (`knn_votes`; classes ranked by score)."""
     if num_classes is None:
         num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    bank = F.normalize(train_feats.float(), dim=1)
-    bank_labels = train_labels.to(bank.device).long()
-    k = min(k, len(bank_labels))
-    correct = torch.zeros(2, dtype=torch.float64, device=bank.device)
-    for start in range(0, len(val_labels), chunk_size):
-        query = F.normalize(val_feats[start:start + chunk_size].float().to(bank.device), dim=1)
-        target = val_labels[start:start + chunk_size].to(bank.device).long()
-        sims, idx = (query @ bank.T).topk(k, dim=1)  # [B, k]
-        votes = torch.zeros(len(target), num_classes, device=bank.device)
-        votes.scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
-        top1, top5 = topk_correct(votes, target, (1, 5))
-        correct += torch.stack([top1.double(), top5.double()])
-    top1, top5 = (correct / max(len(val_labels), 1)).tolist()
-    return {"acc1": top1, "acc5": top5}
+    votes = knn_votes(train_feats, train_labels, val_feats, k, temperature, num_classes, chunk_size)
+    top1, top5 = topk_correct(votes, val_labels.to(votes.device).long(), (1, 5))
+    n = max(len(val_labels), 1)
+    return {"acc1": float(top1) / n, "acc5": float(top5) / n}
+
+
+# ---------------------------------------------------------------------------------------------
+# both pools in one pass, lr search, the whole protocol on given features
+
+
+def cls_and_mean_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class-token [B, D], mean-pooled [B, D]) features of a ViT classifier
+    (`models_vit.VisionTransformer`, or any timm `VisionTransformer` with a class token) from one
+    pass of its blocks. Each pool is the classifier's own definition where it has the parameters:
+
+    - `--global_pool` classifier (final `norm` dropped, `fc_norm` present, as the reference's):
+      mean = `fc_norm` of the average of the patch tokens (class token excluded) of the last
+      block's output; this is `model.forward_features`. cls = the class token of the last block's
+      output, un-normalised (the classifier has no final norm to apply).
+    - `--cls_token` classifier (final `norm` present, no `fc_norm`): cls = the class token after
+      `norm`; this is `model.forward_features`. mean = the average of the patch tokens after `norm`
+      (the classifier has no `fc_norm` to apply).
+    """
+    if not isinstance(model, timm_vit.VisionTransformer) or model.cls_token is None or model.attn_pool is not None:
+        raise TypeError(f"cls_and_mean_features needs a ViT classifier with a class token, got {type(model).__name__}")
+    tokens = timm_vit.VisionTransformer.forward_features(model, images)  # the token map after `model.norm`
+    return tokens[:, 0], model.fc_norm(tokens[:, model.num_prefix_tokens:].mean(dim=1))
+
+
+def extract_pooled_features(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    autocast: Autocast = contextlib.nullcontext,
+    *,
+    compile_forward: bool = False,
+    print_freq: int = 20,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`extract_features` of both pools in one pass (`cls_and_mean_features`):
+    ({"cls": [N, D], "mean": [N, D]}, labels [N]), float32 on `device`, in dataset order."""
+
+    def both(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat(cls_and_mean_features(model, images), dim=1)
+
+    feats, labels = extract_features(model, loader, device, autocast, forward=torch.compile(both) if compile_forward
+                                     else both, print_freq=print_freq)
+    cls, mean = feats.split(feats.shape[1] // 2, dim=1)
+    return {"cls": cls.contiguous(), "mean": mean.contiguous()}, labels
+
+
+def new_probe_head(dim: int, num_classes: int) -> nn.Sequential:
+    """The reference probe head: BatchNorm without affine parameters (eps 1e-6), then a linear
+    layer with trunc-normal(0.01) weights and zero bias (drawn from the global generator)."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def stratified_split(labels: torch.Tensor, fraction: float = HELD_OUT_FRACTION, seed: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit indices, held-out indices), both sorted, on `labels`' device: from each class
+    round(fraction * n_c) samples drawn at random (a generator seeded with `seed`) are held out,
+    at least one and at most n_c - 1 for a class with two or more samples, none for a class with
+    one."""
+    cpu = labels.detach().cpu().long()
+    generator = torch.Generator().manual_seed(seed)
+    held = []
+    for c in torch.unique(cpu, sorted=True).tolist():
+        idx = (cpu == c).nonzero().flatten()
+        n = len(idx)
+        n_held = min(max(math.floor(fraction * n + 0.5), 1), n - 1) if n >= 2 else 0
+        held.append(idx[torch.randperm(n, generator=generator)[:n_held]])
+    held_idx = torch.cat(held).sort().values if held else torch.zeros(0, dtype=torch.long)
+    keep = torch.ones(len(cpu), dtype=torch.bool)
+    keep[held_idx] = False
+    return keep.nonzero().flatten().to(labels.device), held_idx.to(labels.device)
+
+
+def search_lr(
+    head: nn.Module,
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    base_lr: float,
+    epochs: int,
+    batch_size: int,
+    min_lr: float = 0.0,
+    warmup_epochs: float = 0.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    factors: tuple[float, ...] = LR_FACTORS,
+    fraction: float = HELD_OUT_FRACTION,
+) -> tuple[float, dict[float, float]]:
+    """The head's lr, picked on the training features alone: `stratified_split(labels, fraction,
+    seed)` holds out part of each class; for each `base_lr * factor` a copy of `head` (its
+    initial state is not changed) is trained on the rest with the given schedule and scored by
+    top-1 on the held-out part (ties: lower held-out loss, then the factor nearest 1; a run whose
+    loss turns NaN / inf scores lowest). Returns (best lr, {lr: held-out top-1})."""
+    fit_idx, held_idx = stratified_split(labels, fraction, seed)
+    if len(held_idx) == 0:
+        raise ValueError("search_lr: too few training samples to hold any out")
+    fit_feats, fit_labels, held_feats, held_labels = feats[fit_idx], labels[fit_idx], feats[held_idx], labels[held_idx]
+    scores: dict[float, tuple[float, float, float]] = {}
+    for factor in factors:
+        lr = base_lr * factor
+        try:
+            candidate = copy.deepcopy(head)
+            train_linear_head(candidate, fit_feats, fit_labels, epochs=epochs, batch_size=batch_size, lr=lr,
+                              min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay, seed=seed)
+            stats = evaluate_head(candidate, held_feats, held_labels)
+            acc1, loss = stats["acc1"], stats["loss"]
+        except NonFiniteLossError:
+            acc1, loss = -1.0, math.inf
+        scores[lr] = (acc1, -loss if math.isfinite(loss) else -math.inf, -abs(math.log(factor)))
+        log.info("lr search: lr %.3e (x%g): held-out top-1 %.2f%% of %d", lr, factor, max(acc1, 0) * 100, len(held_idx))
+    best = max(scores, key=lambda lr: scores[lr])
+    return best, {lr: score[0] for lr, score in scores.items()}
+
+
+def probe_features(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    *,
+    num_classes: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    min_lr: float = 0.0,
+    warmup_epochs: float = 0.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    lr_search: bool = False,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> dict[str, float]:
+    """The cached-feature protocol of `main_linprobe.py --cache_features` on given features: a
+    `new_probe_head` drawn from `seed` (the global generator is left as it was), with
+    `lr_search` its lr picked by `search_lr` (else `lr`), trained on all training features with
+    LARS and the schedule, evaluated on val; and weighted k-NN. Returns `acc1`, `acc5`, `loss`,
+    `knn_acc1`, `knn_acc5` (fractions) and `probe_lr` (the lr the head was trained with)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = new_probe_head(train_feats.shape[1], num_classes).to(train_feats.device)
+    if lr_search:
+        lr, _ = search_lr(head, train_feats, train_labels, base_lr=lr, epochs=epochs, batch_size=batch_size,
+                          min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay, seed=seed)
+    stats = train_linear_head(head, train_feats, train_labels, epochs=epochs, batch_size=batch_size, lr=lr,
+                              min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay, seed=seed,
+                              val_feats=val_feats, val_labels=val_labels)
+    knn = knn_accuracy(train_feats, train_labels, val_feats, val_labels, k=k, temperature=temperature,
+                       num_classes=num_classes)
+    return {"acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"], "knn_acc1": knn["acc1"],
+            "knn_acc5": knn["acc5"], "probe_lr": lr}

@@ -1,4 +1,5 @@
-"""Evaluation measures: the paper's collapse measure and classification accuracy."""
+"""Evaluation measures: the paper's collapse measure (and its centred variant) and classification
+accuracy."""
 from __future__ import annotations
 
 import torch
@@ -19,6 +20,29 @@ def effective_rank(features: torch.Tensor) -> float:
     s = singular_spectrum(features)
     p = s / s.sum()
     p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def effective_rank_centered(features: torch.Tensor) -> float:
+    """Effective rank of the centred, L2-normalised features: rows L2-normalised, then the column
+    mean subtracted, then `effective_rank`'s formula (exp of the entropy of the normalised singular
+    values), in float64. It counts the directions the samples spread along around their mean, so a
+    common offset shared by every sample (which the uncentred measure counts as one direction)
+    does not count: k distinct points span at most k - 1 dimensions.
+
+    Being scale-free, it would count rounding noise as spread, so singular values below
+    `max(n, d) * eps` of the largest (eps of the input's precision, float32's for narrower types:
+    numerical rank) are dropped, and it is 0.0 when the normalised rows are all equal to that
+    precision (no spread at all)."""
+    dtype = features.dtype if features.dtype == torch.float64 else torch.float32
+    z = F.normalize(features.detach().double(), dim=1)
+    z = z - z.mean(dim=0, keepdim=True)
+    s = torch.linalg.svdvals(z)
+    tol = torch.finfo(dtype).eps * max(z.shape)
+    if s.numel() == 0 or s[0] <= tol * z.shape[0] ** 0.5:  # unit rows: sqrt(n) is the matrix's scale
+        return 0.0
+    s = s[s > tol * s[0]]
+    p = s / s.sum()
     return float(torch.exp(-(p * p.log()).sum()))
 
 

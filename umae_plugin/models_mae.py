@@ -143,11 +143,15 @@ class ViTEncoderBase(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         return self.norm(self._run_blocks(self.blocks, torch.cat([cls, x], dim=1)))
 
+    def forward_latent(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Normalised encoder output [N, 1 + L, D] of unmasked images (no masking draw), class
+        token first: what `pool_latent` pools."""
+        return self._encode_tokens(self.patch_embed(imgs) + self.pos_embed[:, 1:, :])
+
     def forward_features(self, imgs: torch.Tensor, pool: str | None = None) -> torch.Tensor:
         """Pooled features [N, D] of unmasked images (no masking draw): what probes and
         collapse diagnostics look at."""
-        latent = self._encode_tokens(self.patch_embed(imgs) + self.pos_embed[:, 1:, :])
-        return pool_latent(latent, pool or self.feature_pool)
+        return pool_latent(self.forward_latent(imgs), pool or self.feature_pool)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[N, L, p*p*C] -> [N, C, H, W] for the model's (square or not) patch grid."""

@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from . import data, distributed, run_folder
-from .engine_pretrain import OnlineProbe, evaluate_probe, fixed_images, measure_effective_rank, train_one_epoch, unwrap
+from .engine_pretrain import (OnlineProbe, evaluate_probe, fixed_images, make_probe_tap, measure_collapse,
+                              train_one_epoch, unwrap)
 from .errors import UsageError, UserError
 from .logger import RunLog
 from .optim import param_groups_weight_decay, resolve_lr
@@ -25,6 +26,9 @@ from .registry import ModelName, create_model, parse_model_name, pretrain_name
 from .runtime import Runtime, get_rng_state, record_args, set_rng_state, setup_runtime
 
 log = logging.getLogger("umae")
+
+# Epoch-end measures also written as TensorBoard scalars (prefixes of their log keys).
+EVAL_SCALARS = ("effective_rank_", "unif_", "online_probe_")
 
 
 def _parsed(name: str) -> ModelName | None:
@@ -177,10 +181,14 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.type) if rt.amp_dtype == torch.float16 else None
 
-    probe = probe_optimizer = None
+    probe = probe_optimizer = tap = None
+    feature_pool = getattr(args, "feature_pool", None) or args.unif_pool
     if args.online_probe:
         probe = OnlineProbe(model.embed_dim, data.num_classes(train_set)).to(device)
         probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.0)
+        tap = make_probe_tap(model, feature_pool)  # before any wrapper or compile: registered once
+        log.info("online probe on %s-pooled features: trained on %g-masked views, evaluated on masked "
+                 "and unmasked val views", feature_pool, args.mask_ratio)
 
     start_epoch = args.start_epoch
     resume = ckpt.resolve_resume(args.resume, args.output_dir)
@@ -222,6 +230,15 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
         train_model = torch.compile(train_model)
 
     erank_images = fixed_images(val_set, args.erank_samples).to(device) if args.erank_freq > 0 and rt.is_main else None
+    if erank_images is not None and len(erank_images) < model.embed_dim:
+        log.warning("effective rank on %d images, fewer than the %d feature dimensions: it cannot exceed %d "
+                    "(--erank_samples)", len(erank_images), model.embed_dim, len(erank_images))
+    measure = dict(batch_size=args.batch_size, autocast=rt.autocast)
+    # Before any training step, only for a fresh run: on the first epoch line, `*_init_*` keys.
+    init_stats = (measure_collapse(model, erank_images, init=True, **measure)
+                  if erank_images is not None and resume is None else {})
+    if init_stats:
+        run_log.scalars(init_stats, start_epoch * 1000)
     probe_loader = (data.build_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers,
                                       pin_memory=pin_memory) if probe is not None else None)
     schedule = dict(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs)
@@ -234,14 +251,17 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
         train_stats = train_one_epoch(
             train_model, loader, optimizer, device=device, epoch=epoch, mask_ratio=args.mask_ratio,
             schedule=schedule, accum_iter=args.accum_iter, autocast=rt.autocast, scaler=scaler,
-            probe=probe, probe_optimizer=probe_optimizer, print_freq=args.print_freq, run_log=run_log,
+            probe=probe, probe_optimizer=probe_optimizer, probe_tap=tap, print_freq=args.print_freq, run_log=run_log,
         )
         stats = {f"train_{k}": v for k, v in train_stats.items()}
+        if epoch == start_epoch:
+            stats.update(init_stats)
         last = epoch + 1 == args.epochs
         if erank_images is not None and (epoch % args.erank_freq == 0 or last):
-            stats["effective_rank"] = measure_effective_rank(model, erank_images, rt.autocast)
+            stats.update(measure_collapse(model, erank_images, **measure))
         if probe is not None and (epoch % args.val_interval == 0 or last):
-            stats.update(evaluate_probe(model, probe, probe_loader, device, rt.autocast))
+            stats.update(evaluate_probe(model, probe, probe_loader, device, rt.autocast,
+                                        mask_ratio=args.mask_ratio, pool=feature_pool))
         stats.update(epoch=epoch, n_parameters=n_params)
 
         if args.output_dir and rt.is_main:
@@ -258,11 +278,14 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
                 state["online_probe"] = {"model": unwrap(probe).state_dict(), "optimizer": probe_optimizer.state_dict()}
             ckpt.save_checkpoint(args.output_dir, state, epoch, args.save_freq, last)
         run_log.write_epoch(stats)
-        run_log.scalars({k: v for k, v in stats.items() if k in ("effective_rank", "online_probe_acc1")}, (epoch + 1) * 1000)
+        run_log.scalars({k: v for k, v in stats.items() if k.startswith(EVAL_SCALARS) and "_init_" not in k},
+                        (epoch + 1) * 1000)
         log.info("epoch %d done: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()})
 
     stats["wall_time_s"] = time.time() - start
     log.info("training time %.1f s", stats["wall_time_s"])
+    if tap is not None:
+        tap.remove()
     run_log.close()
     distributed.shutdown()
     return stats

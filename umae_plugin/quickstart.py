@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch.nn as nn
 from . import data
 from .checkpoint import torch_load
 from .errors import exit_on_error
-from .linprobe_cached import extract_features, knn_accuracy, train_linear_head
+from .baselines import raw_pixel_baselines
+from .linprobe_cached import extract_features, knn_votes, train_linear_head
 from .metrics import effective_rank, singular_spectrum
 from .pretrain import build_pretrain_model, model_overrides
 from .runtime import resolve_device
@@ -78,11 +80,31 @@ def probe(out: Path, device: torch.device, probe_epochs: int, probe_lr: float) -
     nn.init.trunc_normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
     with torch.enable_grad():
-        lin = train_linear_head(head, tr, ytr, epochs=probe_epochs, batch_size=256, lr=probe_lr,
-                                warmup_epochs=10, val_feats=va, val_labels=yva)
-    knn = knn_accuracy(tr, ytr, va, yva, k=20, num_classes=10)
-    return {"linear_acc1": lin["acc1"], "knn_acc1": knn["acc1"], "erank_val": effective_rank(va),
+        train_linear_head(head, tr, ytr, epochs=probe_epochs, batch_size=256, lr=probe_lr,
+                          warmup_epochs=10, val_feats=va, val_labels=yva)
+    head.eval()
+    linear_right = (head(va).argmax(dim=1) == yva).cpu()
+    knn_right = (knn_votes(tr, ytr, va, k=20, num_classes=10).argmax(dim=1) == yva).cpu()
+    return {"linear_acc1": linear_right.float().mean().item(), "knn_acc1": knn_right.float().mean().item(),
+            "linear_right": linear_right, "knn_right": knn_right, "erank_val": effective_rank(va),
             "spectrum": (singular_spectrum(va) / singular_spectrum(va)[0]).tolist()}
+
+
+def standard_error(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy `p` measured on `n` images."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def paired_difference(a_right: torch.Tensor, b_right: torch.Tensor) -> tuple[float, float, int, int]:
+    """Accuracy of b minus a on the same images, its standard error from McNemar's discordant
+    counts (only images one model gets right and the other wrong carry the difference), and the
+    counts themselves (a right / b wrong, b right / a wrong)."""
+    n = len(a_right)
+    only_a = int((a_right & ~b_right).sum())
+    only_b = int((b_right & ~a_right).sum())
+    diff = (only_b - only_a) / n
+    se = math.sqrt(max(only_a + only_b - (only_b - only_a) ** 2 / n, 0.0)) / n
+    return diff, se, only_a, only_b
 
 
 def plot_spectra(results: dict[str, dict], path: Path) -> None:
@@ -108,27 +130,55 @@ def main() -> None:
     args = get_args()
     out = Path(args.output_dir)
     device = resolve_device(args.device)  # DeviceError up front, before any pre-training; no CPU fallback
+    evaluation = data.eval_transform(32)
+    train_set, val_set = (data.build_dataset("digits", None, split, evaluation) for split in ("train", "val"))
+    pixels = raw_pixel_baselines(train_set, val_set, num_classes=10, seed=args.seed)
+    n_val = len(val_set)
     results = {}
     for name, lam in (("MAE", 0.0), ("U-MAE", args.lambda_unif)):
         stats, wall = pretrain(out / name.lower().replace("-", ""), lam, args)
         results[name] = {**probe(out / name.lower().replace("-", ""), device, args.probe_epochs, args.probe_lr),
                          "lambda_unif": lam, "loss_mae": stats["train_loss_mae"],
                          "loss_unif": stats.get("train_loss_unif", float("nan")),
-                         "erank_train_log": stats["effective_rank"],
-                         "online_probe_acc1": stats.get("online_probe_acc1", float("nan")), "wall_time_s": wall}
+                         "erank_train_log": stats["effective_rank_mean"],
+                         "online_probe_masked_acc1": stats.get("online_probe_masked_acc1", float("nan")),
+                         "online_probe_unmasked_acc1": stats.get("online_probe_unmasked_acc1", float("nan")),
+                         "wall_time_s": wall}
+    nan = float("nan")
+    baseline = {"linear_acc1": pixels["raw_pixels_logreg_acc1"], "knn_acc1": pixels["raw_pixels_knn_acc1"]}
     rows = [("lambda_unif", "{:g}"), ("loss_mae", "{:.4f}"), ("loss_unif", "{:.4f}"), ("erank_val", "{:.2f}"),
-            ("linear_acc1", "{:.2%}"), ("knn_acc1", "{:.2%}"), ("online_probe_acc1", "{:.2%}"), ("wall_time_s", "{:.0f}")]
-    lines = ["| metric | MAE | U-MAE |", "|---|---|---|"]
-    def cell(value: float, fmt: str) -> str:
-        return "-" if value != value else fmt.format(value)  # NaN: the term is off
+            ("linear_acc1", None), ("knn_acc1", None), ("online_probe_masked_acc1", None),
+            ("online_probe_unmasked_acc1", None), ("wall_time_s", "{:.0f}")]
 
-    lines += [f"| {k} | {cell(results['MAE'][k], fmt)} | {cell(results['U-MAE'][k], fmt)} |" for k, fmt in rows]
+    def cell(value: float, fmt: str | None) -> str:
+        if value != value:  # NaN: the term is off, or no such baseline
+            return "-"
+        if fmt is None:  # an accuracy on the val images, with its binomial standard error
+            return f"{value:.2%} ± {standard_error(value, n_val):.2%}"
+        return fmt.format(value)
+
+    lines = ["| metric | MAE | U-MAE | raw pixels |", "|---|---|---|---|"]
+    lines += [f"| {k} | {cell(results['MAE'][k], fmt)} | {cell(results['U-MAE'][k], fmt)} | "
+              f"{cell(baseline.get(k, nan), fmt)} |" for k, fmt in rows]
     table = "\n".join(lines)
-    print(f"\ndigits, {args.epochs} pre-training epochs each (erank: effective rank of the val features)\n")
+    verdicts = []
+    for key, label in (("linear_right", "linear probe"), ("knn_right", "20-NN")):
+        diff, se, only_mae, only_umae = paired_difference(results["MAE"][key], results["U-MAE"][key])
+        verdict = "exceeds" if abs(diff) > 2 * se else "is within"
+        verdicts.append(f"{label} {diff * 100:+.1f} points (SE {se * 100:.1f}; {only_mae} images only MAE gets "
+                        f"right, {only_umae} only U-MAE) {verdict} two standard errors")
+    paired_line = (f"U-MAE minus MAE on the same {n_val} val images (McNemar): " + "; ".join(verdicts) + ".")
+    print(f"\ndigits, {args.epochs} pre-training epochs each (erank: effective rank of the val features; "
+          f"accuracies ± binomial standard error over {n_val} val images; raw pixels: logistic regression and "
+          "20-NN on the same images)\n")
     print(table)
+    print("\n" + paired_line)
+    table += "\n\n" + paired_line
     (out / "summary.md").write_text(table + "\n")
-    (out / "summary.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "spectrum"}
-                                                  for k, v in results.items()}, indent=2) + "\n")
+    summary = {k: {kk: vv for kk, vv in v.items() if kk not in ("spectrum", "linear_right", "knn_right")}
+               for k, v in results.items()}
+    summary["raw pixels"] = pixels
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_spectra(results, out / "spectra.png")
     print(f"\nspectra: {out / 'spectra.png'}")
 

@@ -8,9 +8,10 @@ spectra of L2-normalised features, and effective rank over training epochs.
 With `--checkpoints`: features of the same `--num_samples` (paper: 100) seeded images of the
 `--split`, `effective_rank` (metrics.effective_rank) of each, and the singular values of the
 row-normalised feature matrix divided by the largest, all checkpoints on one log-scale figure
-(`spectra.png`, numbers in `collapse.json` and `collapse.csv`). With `--runs`: the
-`effective_rank` each training run logged in its `log.txt` (JSON lines with `epoch`), plotted
-over epochs (`erank_over_epochs.png`, `erank_over_epochs.csv`).
+(`spectra.png`, numbers in `collapse.json` and `collapse.csv`). With `--runs`: the effective rank
+each training run logged in its `log.txt` (JSON lines with `epoch`) for the `--pool` (default
+`mean`: key `effective_rank_mean`; `cls`: `effective_rank_cls`), plotted over epochs
+(`erank_over_epochs.png`, `erank_over_epochs.csv`).
 """
 from __future__ import annotations
 
@@ -60,13 +61,15 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def erank_over_epochs(run_dir: str | Path) -> tuple[list[int], list[float]]:
+def erank_over_epochs(run_dir: str | Path, key: str = "effective_rank_mean") -> tuple[list[int], list[float]]:
     """(epochs, effective ranks) from a run's `log.txt`, epochs ascending; a repeated epoch (a
-    resumed run) keeps its last line; lines without `effective_rank` are skipped."""
+    resumed run) keeps its last line; lines without `key` (`effective_rank_mean`: the uncentred
+    effective rank of the mean-pooled features; `effective_rank_cls`, `effective_rank_centered_*`)
+    are skipped."""
     by_epoch: dict[int, float] = {}
     for row in read_log(Path(run_dir) / "log.txt"):
-        if "epoch" in row and row.get("effective_rank") is not None:
-            by_epoch[int(row["epoch"])] = float(row["effective_rank"])
+        if "epoch" in row and row.get(key) is not None:
+            by_epoch[int(row["epoch"])] = float(row[key])
     epochs = sorted(by_epoch)
     return epochs, [by_epoch[e] for e in epochs]
 
@@ -165,10 +168,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         run_labels = args.run_labels or (args.labels if not args.checkpoints else None)
         run_labels = _labels(run_labels, [Path(r).resolve().name for r in args.runs], "runs")
         curves = []
+        key = f"effective_rank_{args.pool or 'mean'}"
         for label, run in zip(run_labels, args.runs):
-            epochs, eranks = erank_over_epochs(run)
+            epochs, eranks = erank_over_epochs(run, key)
             if not epochs:
-                log.warning("%s: no effective_rank in %s", label, Path(run) / "log.txt")
+                log.warning("%s: no %s in %s", label, key, Path(run) / "log.txt")
             curves.append({"label": label, "run": str(run), "epochs": epochs, "effective_rank": eranks})
         plot_erank_curves(curves, out / "erank_over_epochs.png")
         rows = [{"label": c["label"], "epoch": e, "effective_rank": r}

@@ -7,12 +7,14 @@ A run is an output folder of `main_pretrain.py`. From it:
 * `lambda_unif` (and `model`, `epochs`) from `args.json`; without it, from the folder name
   (`lambda_unif=0.01`, `lambda=0.01` or `lamb=0.01`);
 * from `log.txt` (JSON lines): `epoch` of the last line, and for each of `train_loss`,
-  `train_loss_mae`, `train_loss_unif`, `effective_rank`, `online_probe_acc1` the value of the
-  LAST line that has the key (the effective rank and the probe are not measured every epoch);
+  `train_loss_mae`, `train_loss_unif`, `effective_rank_{mean,cls}` (uncentred, as the paper),
+  `effective_rank_centered_{mean,cls}`, `online_probe_masked_acc1` (masked val views, as the
+  probe is trained) and `online_probe_unmasked_acc1` the value of the LAST line that has the key
+  (the effective rank and the probe are not measured every epoch);
 * the linear-probe top-1 accuracy, first found of: `linprobe.json` in the run folder,
   `linprobe/linprobe.json` (key `acc1`, else `test_acc1`), `linprobe/log.txt` (`test_acc1` of
   the last line that has it, as `main_linprobe.py` logs it).
-Accuracies in the table are percentages: `online_probe_acc1` in the pre-training log and `acc1`
+Accuracies in the table are percentages: `online_probe_*_acc1` in the pre-training log and `acc1`
 in a `linprobe.json` are fractions (this project's convention for returned values) and are
 multiplied by 100; `test_acc1` is a percentage already (the upstream log format).
 `--sweep_dir` takes every folder below it that holds an `args.json` or a `log.txt` (folders named
@@ -34,7 +36,9 @@ from .collapse import read_log
 
 log = logging.getLogger("umae")
 
-LOG_KEYS = ("train_loss", "train_loss_mae", "train_loss_unif", "effective_rank", "online_probe_acc1")
+ERANK_KEYS = ("effective_rank_mean", "effective_rank_cls", "effective_rank_centered_mean", "effective_rank_centered_cls")
+PROBE_KEYS = ("online_probe_masked_acc1", "online_probe_unmasked_acc1")  # fractions in the log
+LOG_KEYS = ("train_loss", "train_loss_mae", "train_loss_unif", *ERANK_KEYS, *PROBE_KEYS)
 COLUMNS = ("run", "lambda_unif", "epochs", *LOG_KEYS, "linprobe_acc1")
 _LAMBDA_IN_NAME = re.compile(r"(?:lambda_unif|lambda|lamb)=([-+0-9.eE]+)")
 
@@ -90,8 +94,9 @@ def summarize_run(run: str | Path) -> dict[str, Any]:
     epochs = [int(r["epoch"]) for r in rows if "epoch" in r]
     row["epochs"] = max(epochs) + 1 if epochs else None
     row.update(last_values(rows, LOG_KEYS))
-    if row["online_probe_acc1"] is not None:
-        row["online_probe_acc1"] = float(row["online_probe_acc1"]) * 100.0
+    for key in PROBE_KEYS:
+        if row[key] is not None:
+            row[key] = float(row[key]) * 100.0
     row["linprobe_acc1"], row["linprobe_source"] = linprobe_acc1(run)
     if not rows:
         log.warning("%s: no log.txt lines", run)
@@ -116,8 +121,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     fig = report.new_figure(1200, 400)
     lams = np.array([r["lambda_unif"] for r in rows], dtype=float)
     positive = lams[lams > 0]
-    panels = (("effective rank", ("effective_rank",)),
-              ("top-1 accuracy (%)", ("online_probe_acc1", "linprobe_acc1")),
+    panels = (("effective rank", ERANK_KEYS),
+              ("top-1 accuracy (%)", (*PROBE_KEYS, "linprobe_acc1")),
               ("final training loss", ("train_loss_mae", "train_loss")))
     for k, (ylabel, keys) in enumerate(panels):
         ax = fig.add_subplot(1, 3, k + 1)

@@ -1,0 +1,238 @@
+"""MAE vs U-MAE on CIFAR-10 with paired seeds (CPU budget): three arms x three seeds, then the
+paired differences with 95% t intervals.
+
+    python recipes/cifar10_paired.py run              # all nine runs; skips those already in the CSV
+    python recipes/cifar10_paired.py report           # docs/results/cifar10_paired.md from the CSV
+    SMOKE=1 python recipes/cifar10_paired.py run --out /tmp/smoke   # digits, tiny model, one seed (CI)
+
+Setting (the evidence issue's): ViT-Tiny, 32 px, patch 4, 128-d 2-block decoder, norm-pix, mask
+0.75, batch 128, weight decay 0.05, lr 1e-3, 1 warm-up epoch, 4 epochs. Arms: MAE (lambda 0),
+U-MAE on the class token (`--unif_pool cls`, the U-MAE reference's feature) and U-MAE on the mean of
+the patch tokens (this project's default), lambda 0.01. Seeds 0, 1, 2: the same seed gives the same
+initialisation, data order and augmentations in every arm, so arms are compared pair by pair.
+Online probe on (evaluated at the end on masked and unmasked val views); effective ranks and
+uniformity of 1024 fixed val images at initialisation and at the end; then the cached-feature
+linear probe (class token and mean pooling, lr picked on a held-out 10% of the training set) and
+20-NN on the final encoder.
+
+Data: `../shared/data/cifar10.tar.gz` (CIFAR-10 as an ImageFolder of JPEGs: the images are
+re-encoded, so pixel values differ slightly from the original PNG/pickle release) is unpacked
+outside the work tree (`$UMAE_DATA`, default /tmp/umae-data). Run folders live outside the work tree
+too (`--out`, default /tmp/umae-runs/cifar10_paired); every step resumes (`--resume auto`), so an
+interrupted recipe is simply started again. Each finished run appends one row to the CSV (one row
+per arm and seed); with `--commit` the CSV is committed after every run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = os.environ.get("SMOKE") == "1"
+
+ARMS = {  # name -> pre-training flags that differ between arms
+    "mae": ["--lambda_unif", "0"],
+    "umae_cls": ["--lambda_unif", "0.01", "--unif_pool", "cls"],
+    "umae_mean": ["--lambda_unif", "0.01", "--unif_pool", "mean"],
+}
+SEEDS = (0,) if SMOKE else (0, 1, 2)
+
+MODEL = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "4", "--decoder_embed_dim", "128",
+         "--decoder_depth", "2", "--decoder_num_heads", "4", "--norm_pix_loss", "--mask_ratio", "0.75"]
+EPOCHS = 4
+TRAIN = ["--batch_size", "128", "--weight_decay", "0.05", "--lr", "1e-3", "--warmup_epochs", "1",
+         "--epochs", str(EPOCHS)]
+if SMOKE:  # digits, a tiny encoder, one epoch: the same code path in seconds
+    MODEL = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "4", "--embed_dim", "32",
+             "--depth", "1", "--num_heads", "2", "--decoder_embed_dim", "16", "--decoder_depth", "1",
+             "--decoder_num_heads", "2", "--norm_pix_loss", "--mask_ratio", "0.75"]
+    EPOCHS = 1
+    TRAIN = ["--batch_size", "128", "--weight_decay", "0.05", "--lr", "1e-3", "--warmup_epochs", "1",
+             "--epochs", "1"]
+
+# Columns of the CSV: what each run reports (accuracies in percent).
+PRETRAIN_KEYS = [
+    "online_probe_masked_acc1", "online_probe_unmasked_acc1",
+    "effective_rank_mean", "effective_rank_cls", "effective_rank_centered_mean", "effective_rank_centered_cls",
+    "unif_mean", "unif_cls", "train_loss_mae",
+]
+INIT_KEYS = ["effective_rank_init_mean", "effective_rank_init_cls", "effective_rank_centered_init_mean",
+             "effective_rank_centered_init_cls", "unif_init_mean", "unif_init_cls"]
+PROBE_KEYS = ["test_acc1_mean", "test_acc1_cls", "knn_acc1_mean", "knn_acc1_cls", "probe_lr"]
+COLUMNS = ["arm", "seed", "epochs", *PRETRAIN_KEYS, *INIT_KEYS, *PROBE_KEYS, "pretrain_s", "probe_s"]
+PERCENT = {"online_probe_masked_acc1", "online_probe_unmasked_acc1"}  # fractions in the pre-training log
+
+
+def data_root() -> Path:
+    """CIFAR-10 as an ImageFolder (train/, val/), unpacked once outside the work tree."""
+    base = Path(os.environ.get("UMAE_DATA", "/tmp/umae-data"))
+    root = base / "cifar10"
+    if not (root / "val").is_dir():
+        archive = Path(os.environ.get("CIFAR10_TAR", ROOT.parent / "shared" / "data" / "cifar10.tar.gz"))
+        if not archive.is_file():
+            sys.exit(f"error: {archive}: no CIFAR-10 archive (set CIFAR10_TAR or UMAE_DATA)")
+        base.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(base, filter="data")
+    return root
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in COLUMNS})
+
+
+def log_lines(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.txt").read_text().splitlines() if line.strip()]
+
+
+def run(cmd: list[str]) -> float:
+    print("+", " ".join(cmd), flush=True)
+    start = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return time.time() - start
+
+
+def one_run(arm: str, seed: int, out: Path) -> dict:
+    folder = out / f"{arm}_seed{seed}"
+    data = ["--dataset", "digits"] if SMOKE else ["--dataset", "imagefolder", "--data_path", str(data_root())]
+    workers = "0" if SMOKE else "2"
+    pretrain_s = run([sys.executable, "main_pretrain.py", *MODEL, *ARMS[arm], *TRAIN, *data, "--seed", str(seed),
+                      "--device", "cpu", "--num_workers", workers, "--online_probe", "--val-interval", "1000",
+                      "--erank_freq", "1000", "--save_freq", "1000", "--print_freq", "50",
+                      "--output_dir", str(folder), "--log_dir", str(folder), "--resume", "auto"])
+    lines = log_lines(folder)
+    row: dict = {"arm": arm, "seed": seed, "epochs": EPOCHS}
+    row.update({k: lines[-1].get(k, "") for k in PRETRAIN_KEYS})
+    row.update({k: lines[0].get(k, "") for k in INIT_KEYS})
+    for k in PERCENT:
+        if row[k] != "":
+            row[k] = 100.0 * float(row[k])
+    probe = folder / "linprobe"
+    probe_s = run([sys.executable, "main_linprobe.py", "--model", "vit_tiny_patch16",
+                   "--finetune", str(folder / "checkpoint-last.pth"), "--cache_features", "--lr_search",
+                   *(["--global_pool"] if arm != "umae_cls" else ["--cls_token"]), *data, "--nb_classes", "10",
+                   "--epochs", "100", "--warmup_epochs", "10", "--batch_size", "256", "--lr", "1.0",
+                   "--seed", str(seed), "--device", "cpu", "--num_workers", workers,
+                   "--output_dir", str(probe), "--log_dir", str(probe), "--resume", "auto"])
+    last = log_lines(probe)[-1]
+    row.update({k: last.get(k, "") for k in PROBE_KEYS})
+    row.update(pretrain_s=round(pretrain_s), probe_s=round(probe_s))
+    return row
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    done = {(r["arm"], int(r["seed"])) for r in read_rows(args.csv)}
+    for seed in SEEDS:  # seed-major: each finished seed completes a pair as early as possible
+        for arm in ARMS:
+            if (arm, seed) in done:
+                print(f"skip {arm} seed {seed}: in {args.csv}", flush=True)
+                continue
+            row = one_run(arm, seed, args.out)
+            append_row(args.csv, row)
+            print(f"done {arm} seed {seed}: {row}", flush=True)
+            if args.commit:
+                subprocess.run(["git", "add", str(args.csv)], cwd=ROOT, check=True)
+                subprocess.run(["git", "commit", "-q", "-m", f"docs/results: CIFAR-10 paired run {arm} seed {seed}"],
+                               cwd=ROOT, check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# report: paired differences
+
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+REPORTED = [("test_acc1_mean", "linear probe, mean pool (%)"), ("test_acc1_cls", "linear probe, class token (%)"),
+            ("knn_acc1_mean", "20-NN, mean pool (%)"), ("knn_acc1_cls", "20-NN, class token (%)"),
+            ("online_probe_masked_acc1", "online probe, masked views (%)"),
+            ("online_probe_unmasked_acc1", "online probe, unmasked views (%)"),
+            ("effective_rank_mean", "effective rank, mean pool"), ("effective_rank_cls", "effective rank, class token"),
+            ("effective_rank_centered_mean", "centred effective rank, mean pool"),
+            ("effective_rank_centered_cls", "centred effective rank, class token"),
+            ("unif_mean", "uniformity loss, mean pool"), ("unif_cls", "uniformity loss, class token")]
+
+
+def paired(rows: list[dict[str, str]], arm: str, key: str) -> tuple[list[float], list[float]]:
+    """Per-seed differences arm - MAE for `key` over the seeds both have."""
+    by = {(r["arm"], int(r["seed"])): r for r in rows}
+    seeds = sorted(s for (a, s) in by if a == arm and ("mae", s) in by)
+    diffs, values = [], []
+    for s in seeds:
+        a, b = by[(arm, s)].get(key, ""), by[("mae", s)].get(key, "")
+        if a not in ("", None) and b not in ("", None):
+            diffs.append(float(a) - float(b))
+            values.append(float(a))
+    return diffs, values
+
+
+def interval(diffs: list[float]) -> str:
+    n = len(diffs)
+    if n == 0:
+        return "-"
+    mean = statistics.fmean(diffs)
+    if n == 1:
+        return f"{mean:+.2f} (one pair)"
+    half = T975[n - 1] * statistics.stdev(diffs) / math.sqrt(n)
+    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    rows = read_rows(args.csv)
+    if not rows:
+        sys.exit(f"error: {args.csv}: no runs yet")
+    seeds = sorted({int(r["seed"]) for r in rows})
+    lines = [f"CIFAR-10, ViT-Tiny (32 px, patch 4), {EPOCHS} pre-training epochs, paired seeds {seeds}; "
+             f"{len(rows)} of {len(ARMS) * len(SEEDS)} runs in `{args.csv.name}`.", "",
+             "Per arm: mean over seeds (per-seed values in the CSV). Paired difference: arm minus MAE on the "
+             "same seed, mean and 95% t interval over the pairs.", "",
+             "| measure | MAE | U-MAE cls | U-MAE mean | cls - MAE | mean - MAE |", "|---|---|---|---|---|---|"]
+    for key, label in REPORTED:
+        means = []
+        for arm in ARMS:
+            vals = [float(r[key]) for r in rows if r["arm"] == arm and r.get(key) not in ("", None)]
+            means.append(f"{statistics.fmean(vals):.2f}" if vals else "-")
+        diffs = [interval(paired(rows, arm, key)[0]) for arm in ("umae_cls", "umae_mean")]
+        lines.append(f"| {label} | {' | '.join(means)} | {' | '.join(diffs)} |")
+    out = args.csv.with_suffix(".md")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["run", "report"])
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("UMAE_RUNS", "/tmp/umae-runs/cifar10_paired")),
+                   help="run folders (outside the work tree)")
+    p.add_argument("--csv", type=Path, default=None,
+                   help="one row per arm and seed (default: docs/results/cifar10_paired.csv; <out>/smoke.csv with SMOKE=1)")
+    p.add_argument("--commit", action="store_true", help="git-commit the CSV after every finished run")
+    args = p.parse_args()
+    if args.csv is None:
+        args.csv = args.out / "smoke.csv" if SMOKE else ROOT / "docs" / "results" / "cifar10_paired.csv"
+    (cmd_run if args.command == "run" else cmd_report)(args)
+
+
+if __name__ == "__main__":
+    main()
