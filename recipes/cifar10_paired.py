@@ -142,6 +142,16 @@ def one_run(arm: str, seed: int, out: Path) -> dict:
     return row
 
 
+def commit(path: Path, message: str) -> None:
+    """Commit only `path`; a busy index (someone else committing) is retried, then left for the next run."""
+    for _ in range(5):
+        if (subprocess.run(["git", "add", "--", str(path)], cwd=ROOT).returncode == 0
+                and subprocess.run(["git", "commit", "-q", "-m", message, "--", str(path)], cwd=ROOT).returncode == 0):
+            return
+        time.sleep(10)
+    print(f"warning: could not commit {path}; the row is in the file", flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     done = {(r["arm"], int(r["seed"])) for r in read_rows(args.csv)}
     for seed in SEEDS:  # seed-major: each finished seed completes a pair as early as possible
@@ -153,9 +163,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             append_row(args.csv, row)
             print(f"done {arm} seed {seed}: {row}", flush=True)
             if args.commit:
-                subprocess.run(["git", "add", str(args.csv)], cwd=ROOT, check=True)
-                subprocess.run(["git", "commit", "-q", "-m", f"docs/results: CIFAR-10 paired run {arm} seed {seed}"],
-                               cwd=ROOT, check=True)
+                commit(args.csv, f"docs/results: CIFAR-10 paired run {arm} seed {seed}")
 
 
 # ---------------------------------------------------------------------------------------------
