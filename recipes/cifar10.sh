@@ -35,7 +35,7 @@ for run in mae:0 umae:0.01; do
         --batch_size "$BATCH" --accum_iter "$ACCUM" $LR --weight_decay 0.05 --seed 0 \
         --online_probe --erank_freq 1 --device "$DEVICE" --num_workers "$WORKERS" --print_freq 50 \
         --output_dir "$OUT/$name" --log_dir "$OUT/$name" --resume auto
-    # Linear probe with mean pooling (U-MAE's pooling) on cached features of unaugmented images.
+    # Linear probe with mean pooling (this project's default feature; the U-MAE reference probes the class token) on cached features.
     python main_linprobe.py --model vit_tiny_patch16 --finetune "$OUT/$name/checkpoint-last.pth" \
         --global_pool --cache_features --dataset imagefolder --data_path "$DATA" --nb_classes 10 \
         --epochs 100 --warmup_epochs 10 --batch_size 256 --lr 1.0 --device "$DEVICE" \
