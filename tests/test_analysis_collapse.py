@@ -148,3 +148,10 @@ def test_random_indices_are_the_images_training_measures():
     ds = TensorDataset(torch.arange(50).float()[:, None])
     logged = fixed_images(ds, 10, seed=0)[:, 0].long().tolist()
     assert features.random_indices(50, 10, 0).tolist() == sorted(logged)
+
+
+def test_figure_titles_name_the_data():
+    from umae_plugin.analysis.features import data_name
+
+    assert data_name("imagefolder", "/tmp/umae-data/cifar10", "val") == "cifar10 val"
+    assert data_name("digits", None, "train") == "digits train"

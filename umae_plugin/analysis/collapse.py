@@ -102,6 +102,9 @@ def plot_erank_curves(curves: Sequence[dict[str, Any]], path: str | Path) -> Pat
         ax.plot(c["epochs"], c["effective_rank"], marker="o" if len(c["epochs"]) < 30 else None,
                 markersize=3, label=c["label"])
     ax.set_xlabel("epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_ylabel("effective rank")
     ax.set_title("effective rank over training (logged)")
     ax.grid(True, alpha=0.3)
@@ -158,7 +161,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                      stats["num_samples"], stats["feature_dim"])
             entries.append({"label": label, "checkpoint": str(path), "model": lm.name, **stats})
         plot_spectra(entries, out / "spectra.png",
-                     f"{args.dataset} {args.split}, {entries[0]['num_samples']} images (seed {args.seed})")
+                     f"{F.data_name(args.dataset, args.data_path, args.split)}, {entries[0]['num_samples']} images (seed {args.seed})")
         report.write_csv(out / "collapse.csv", entries, ["label", "effective_rank", "num_samples", "feature_dim", "checkpoint"])
         result["checkpoints"] = entries
         result["sample"] = {"dataset": args.dataset, "split": args.split, "seed": args.seed,

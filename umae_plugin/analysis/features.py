@@ -21,6 +21,7 @@ import argparse
 import logging
 import math
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Mapping, Sequence
@@ -250,6 +251,14 @@ def load_model(
 
 # ---------------------------------------------------------------------------------------------
 # data
+
+
+def data_name(dataset: str, data_path: str | None, split: str) -> str:
+    """What a figure title calls the data: an image folder by its folder's name ("cifar10 val"),
+    the other datasets by their own name."""
+    if dataset == "imagefolder" and data_path:
+        return f"{Path(data_path).resolve().name} {split}"
+    return f"{dataset} {split}"
 
 
 def build_eval_dataset(name: str, data_path: str | None, split: str, input_size: int) -> Dataset:

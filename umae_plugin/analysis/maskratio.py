@@ -178,10 +178,12 @@ def plot_table(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> 
     ax1.legend()
     ax1.grid(True, alpha=0.3)
     ratio = np.array([row["intra_inter_ratio"] for row in rows])
+    spread = np.array([row.get("ratio_std", 0.0) for row in rows])
+    ax2.errorbar(r, ratio, yerr=spread, marker="o", color="tab:green", capsize=3, label="mean +- std over draws")
     best = int(ratio.argmin())
-    ax2.plot(r, ratio, marker="o", color="tab:green")
-    ax2.plot([r[best]], [ratio[best]], marker="*", markersize=14, color="tab:red",
-             label=f"lowest at {r[best]:g}")
+    others = np.delete(ratio - spread, best)
+    if others.size and ratio[best] + spread[best] < others.min():  # a minimum the error bars separate
+        ax2.plot([r[best]], [ratio[best]], marker="*", markersize=14, color="tab:red", label=f"lowest at {r[best]:g}")
     ax2.set_xlabel("mask ratio")
     ax2.set_ylabel("intra / inter")
     ax2.legend()
@@ -227,7 +229,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
              args.draws, device)
     rows = mask_ratio_table(patches, labels, args.ratios, draws=args.draws, reduce=args.reduce, seed=args.seed)
     best = min(rows, key=lambda row: row["intra_inter_ratio"])
-    title = (f"{args.dataset} {args.split}: {len(labels.unique())} classes x {args.per_class} images, "
+    title = (f"{F.data_name(args.dataset, args.data_path, args.split)}: {len(labels.unique())} classes x {args.per_class} images, "
              f"{args.input_size}px / patch {args.patch_size}, {args.pixels} pixels, reduce={args.reduce}, "
              f"{args.draws} draws")
     plot_table(rows, out / "maskratio.png", title)

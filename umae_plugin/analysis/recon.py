@@ -167,7 +167,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     imgs, labels = F.stack_images(ds, indices)
     res = reconstruct(lm.model, imgs.to(device), args.mask_ratio, args.seed, args.unnormalize)
 
-    title = f"{Path(args.checkpoint).name}: mask ratio {args.mask_ratio:g}, seed {args.seed}"
+    run = Path(args.checkpoint).resolve()
+    title = (f"{run.parent.name}/{run.name} on {F.data_name(args.dataset, args.data_path, args.split)}: "
+             f"mask ratio {args.mask_ratio:g}, seed {args.seed}")
     if lm.model.norm_pix_loss:
         note = ("norm_pix_loss: removed patches un-normalised with the mean/std of the visible patches "
                 "(their own statistics are hidden)" if args.unnormalize == "visible" else

@@ -70,12 +70,13 @@ def plot_panels(panels: Sequence[dict[str, Any]], labels: np.ndarray, class_name
             ax.scatter(coords[sel, 0], coords[sel, 1], s=6, color=colours(i), label=name)
         title = panel["label"]
         if panel.get("silhouette") is not None:
-            title += f" (silhouette {panel['silhouette']:.3f})"
+            title += f"\n(cosine silhouette of the features, not of this embedding: {panel['silhouette']:.3f})"
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     if len(classes) <= 20:
-        fig.axes[-1].legend(fontsize=6, markerscale=2, loc="best", framealpha=0.6)
+        fig.axes[-1].legend(fontsize=6, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                            borderaxespad=0.0)  # beside the points, never over them
     fig.tight_layout()
     return report.save_figure(fig, path)
 
