@@ -143,10 +143,12 @@ def one_run(arm: str, seed: int, out: Path) -> dict:
 
 
 def commit(path: Path, message: str) -> None:
-    """Commit only `path`; a busy index (someone else committing) is retried, then left for the next run."""
+    """Commit only `path`, in the repository that holds it (the recipe may run from a frozen copy of the
+    code while work goes on in the checkout); a busy index is retried, then left for the next run."""
+    where = path.resolve().parent
     for _ in range(5):
-        if (subprocess.run(["git", "add", "--", str(path)], cwd=ROOT).returncode == 0
-                and subprocess.run(["git", "commit", "-q", "-m", message, "--", str(path)], cwd=ROOT).returncode == 0):
+        if (subprocess.run(["git", "add", "--", path.name], cwd=where).returncode == 0
+                and subprocess.run(["git", "commit", "-q", "-m", message, "--", path.name], cwd=where).returncode == 0):
             return
         time.sleep(10)
     print(f"warning: could not commit {path}; the row is in the file", flush=True)
