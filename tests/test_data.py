@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DistributedSampler, SequentialSampler
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
@@ -305,7 +305,8 @@ def test_loader_samplers_and_drop_last(folder):
     ds = build_dataset("imagefolder", folder, "train", eval_transform(8))
     train = build_loader(ds, 5, train=True, num_workers=0, pin_memory=False, seed=3)
     val = build_loader(ds, 5, train=False, num_workers=0, pin_memory=False)
-    assert isinstance(train.sampler, RandomSampler) and train.drop_last
+    assert isinstance(train.sampler, DistributedSampler) and train.drop_last
+    assert (train.sampler.num_replicas, train.sampler.rank, train.sampler.shuffle) == (1, 0, True)
     assert isinstance(val.sampler, SequentialSampler) and not val.drop_last
     assert len(train) == 2 and len(val) == 3
 
@@ -315,6 +316,10 @@ def test_loader_samplers_and_drop_last(folder):
 
     assert order(train, 0) == order(train, 0) != order(train, 1)
     assert sorted(order(train, 1)) == list(range(12))
+    for epoch in (0, 1, 5):  # torch's one-replica DistributedSampler order, as the MAE reference's
+        library = DistributedSampler(range(12), num_replicas=1, rank=0, shuffle=True, seed=3)
+        library.set_epoch(epoch)
+        assert order(train, epoch) == list(library)
     other = build_loader(ds, 5, train=True, num_workers=0, pin_memory=False, seed=4)
     assert order(other, 0) != order(train, 0)
     set_epoch(val, 5)  # no-op for samplers without set_epoch
@@ -344,13 +349,38 @@ def test_loader_with_workers(folder):
     assert batches == [(4, 3, 8, 8)] * 3
 
 
-def test_randaugment_posterize_to_zero_bits_gives_black_image():
-    from PIL import Image
+# magnitude at which each posterize op asks for 0 bits (PosterizeOriginal keeps 4 or more)
+_ZERO_BITS = {"Posterize": 0, "PosterizeIncreasing": 10}
+
+
+@pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "augmix-m5-w4-d2", "v0"])
+def test_finetune_posterize_to_zero_bits_gives_black_image(aa):
+    """Pillow 13 rejects posterizing to 0 bits, which timm's ops ask for at some magnitudes: the
+    fine-tune transform's ops give the black image older Pillow gave instead of crashing."""
+    import copy
+
     from timm.data.auto_augment import AugmentOp
 
-    op = AugmentOp("Posterize", prob=1.0, magnitude=0)  # timm maps magnitude 0 to 0 bits
-    out = op(Image.new("RGB", (8, 8), (200, 100, 50)))
-    assert out.getextrema() == ((0, 0), (0, 0), (0, 0))
+    ops = [op for t in finetune_transform(16, train=True, aa=aa).transforms
+           for op in (getattr(t, "ops", None) or [o for sub in getattr(t, "policy", ()) for o in sub])
+           if isinstance(op, AugmentOp) and op.name in _ZERO_BITS]
+    assert ops
+    for op in ops:
+        op = copy.copy(op)
+        op.prob, op.magnitude, op.magnitude_std = 1.0, _ZERO_BITS[op.name], 0
+        out = op(Image.new("RGB", (8, 8), (200, 100, 50)))
+        assert out.getextrema() == ((0, 0), (0, 0), (0, 0)), op.name
+
+
+def test_importing_data_leaves_timms_augment_table_alone():
+    """The posterize fix lives in the fine-tune transform only (a fresh process: nothing imported yet)."""
+    import subprocess
+    import sys
+
+    code = ("import timm.data.auto_augment as A; before = dict(A.NAME_TO_OP)\n"
+            "import umae_plugin.data as D; assert A.NAME_TO_OP == before, 'import'\n"
+            "D.finetune_transform(16, train=True, aa='rand-m9-mstd0.5-inc1'); assert A.NAME_TO_OP == before, 'build'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ---------------------------------------------------------------------------------------------

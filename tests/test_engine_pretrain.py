@@ -150,3 +150,20 @@ def test_measure_collapse_both_pools_batched_float32():
     # bf16 autocast for the encoder; the measures are float32 / float64 values all the same
     bf16 = E.measure_collapse(model, imgs, batch_size=4, autocast=lambda: torch.autocast("cpu", torch.bfloat16))
     assert bf16["effective_rank_mean"] == pytest.approx(stats["effective_rank_mean"], rel=0.05)
+
+
+def test_unwrap_removes_ddp_and_compile_wrappers():
+    """`unwrap` (timm's `unwrap_model`) finds the plain module under any nesting of DDP and
+    `torch.compile`, as the loops and checkpoints need it (a one-process gloo group for DDP)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, probe = mae(), E.OnlineProbe(32, 3)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for wrapped in (model, DistributedDataParallel(model), torch.compile(model),
+                        torch.compile(DistributedDataParallel(model)), DistributedDataParallel(torch.compile(model))):
+            assert E.unwrap(wrapped) is model
+        assert E.unwrap(DistributedDataParallel(probe)) is probe
+    finally:
+        dist.destroy_process_group()

@@ -98,6 +98,28 @@ def test_weight_decay_groups_decay_tokens_by_default(tiny_kwargs):
     assert len(no_decay["params"]) + len(decay["params"]) == sum(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("arch", ["timm_vit", "vit", "mae"])
+def test_weight_decay_groups_are_timms_and_always_two(arch, tiny_kwargs):
+    from timm.optim import param_groups_weight_decay as timm_param_groups_weight_decay
+
+    from umae_plugin.models_mae import MaskedAutoencoderViT
+
+    model = {"timm_vit": lambda: VisionTransformer(img_size=32, patch_size=16, embed_dim=16, depth=2, num_heads=2),
+             "vit": lambda: tiny_vit(global_pool=True),
+             "mae": lambda: MaskedAutoencoderViT(**tiny_kwargs)}[arch]()
+
+    def split(groups):
+        return [(g["weight_decay"], [id(p) for p in g["params"]]) for g in groups]
+
+    for skip in ((), {"pos_embed", "cls_token"}):
+        theirs = timm_param_groups_weight_decay(model, 0.05, no_weight_decay_list=skip)
+        assert split(param_groups_weight_decay(model, 0.05, skip)) == split(theirs)
+    # weight decay 0: timm returns one group; ours keep the two (resuming needs the same groups)
+    assert len(timm_param_groups_weight_decay(model, 0.0)) == 1
+    zero, some = param_groups_weight_decay(model, 0.0), param_groups_weight_decay(model, 0.05)
+    assert split(zero) == [(0.0, ids) for _, ids in split(some)]
+
+
 # ---------------------------------------------------------------------------------------------
 # layer decay
 
@@ -158,12 +180,50 @@ def test_layer_decay_mae_tokens_and_frozen(tiny_kwargs):
     assert not any(n.startswith("decoder_pred") for n in got)
 
 
-def test_layer_decay_num_layers_override():
-    model = tiny_vit()
-    got = scales_by_name(model, param_groups_layer_decay(model, 0.0, 0.5, num_layers=5))
-    assert got["cls_token"][0] == pytest.approx(0.5 ** 5)
-    assert got["blocks.1.attn.qkv.weight"][0] == pytest.approx(0.5 ** 3)
-    assert got["head.weight"][0] == 1.0
+def reference_param_groups_lrd(model, weight_decay, no_weight_decay_list, layer_decay):
+    """The MAE reference's `util/lr_decay.param_groups_lrd` (with `get_layer_id_for_vit`), written
+    out independently: groups in order of first appearance, as its fine-tune checkpoints hold them."""
+    num_layers = len(model.blocks) + 1
+
+    def layer(name):
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("blocks"):
+            return int(name.split(".")[1]) + 1
+        return num_layers
+
+    groups = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim == 1 or n in no_weight_decay_list)
+        group = groups.setdefault(f"layer_{layer(n)}_{decay}", {
+            "lr_scale": layer_decay ** (num_layers - layer(n)), "weight_decay": weight_decay if decay else 0.0,
+            "params": []})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def assert_same_groups(ours, expected):
+    """Same groups in the same order, same parameters in the same order, same settings."""
+    assert len(ours) == len(expected)
+    for a, b in zip(ours, expected):
+        assert set(a) == set(b) == {"params", "lr_scale", "weight_decay"}
+        assert (a["lr_scale"], a["weight_decay"]) == (b["lr_scale"], b["weight_decay"])
+        assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
+
+
+@pytest.mark.parametrize("global_pool", [False, True])
+@pytest.mark.parametrize("freeze", [False, True])
+def test_layer_decay_groups_equal_the_mae_reference_in_order(global_pool, freeze):
+    """Group order matters: fine-tune checkpoints hold the optimizer state per group."""
+    model = VisionTransformerClassifier(img_size=32, patch_size=16, embed_dim=16, depth=4, num_heads=2,
+                                        num_classes=3, global_pool=global_pool)
+    if freeze:
+        model.blocks[1].requires_grad_(False)
+    for ld in (0.75, 0.65):
+        ours = param_groups_layer_decay(model, 0.05, ld, no_weight_decay_list=model.no_weight_decay())
+        assert_same_groups(ours, reference_param_groups_lrd(model, 0.05, model.no_weight_decay(), ld))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 from torch.utils.data import default_collate
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
@@ -142,8 +142,15 @@ def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Imag
     return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
-for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-    auto_augment.NAME_TO_OP[_name] = _posterize
+def _fix_posterize(transform: transforms.Compose) -> transforms.Compose:
+    """`transform` with its RandAugment / AutoAugment / AugMix posterize ops on `_posterize`
+    (timm's own table is left alone)."""
+    for t in transform.transforms:
+        ops = getattr(t, "ops", None) or [op for sub_policy in getattr(t, "policy", ()) for op in sub_policy]
+        for op in ops:
+            if isinstance(op, auto_augment.AugmentOp) and op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+    return transform
 
 
 def finetune_transform(
@@ -164,7 +171,7 @@ def finetune_transform(
     """
     if not train:
         return _resize_center_crop(input_size, 224 / 256 if input_size <= 224 else 1.0)
-    return create_transform(
+    return _fix_posterize(create_transform(
         input_size=input_size,
         is_training=True,
         color_jitter=color_jitter,
@@ -175,7 +182,7 @@ def finetune_transform(
         re_count=recount,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-    )
+    ))
 
 
 def eval_transform(input_size: int) -> transforms.Compose:
@@ -387,7 +394,7 @@ class EpochIndex(int):
     """A dataset index that also carries the epoch it was drawn for.
 
     Persistent DataLoader workers hold their own copy of the dataset, so the epoch cannot reach
-    them through the dataset; it travels with every index instead (the samplers below yield these,
+    them through the dataset; it travels with every index instead (the training sampler yields these,
     `SeededDataset` reads them). It is an `int` everywhere else: `list(loader.sampler)` still
     compares equal to plain indices."""
 
@@ -402,27 +409,10 @@ class EpochIndex(int):
         return EpochIndex, (int(self), self.epoch)
 
 
-class EpochRandomSampler(RandomSampler):
-    """`RandomSampler` whose order depends only on (seed, epoch), like `DistributedSampler`, so
-    a resumed single-process run sees the same shuffles as an uninterrupted one (and iterating
-    twice in one epoch gives the same order twice). Yields `EpochIndex`es."""
-
-    def __init__(self, data_source: Sequence[Any], seed: int = 0) -> None:
-        super().__init__(data_source, generator=torch.Generator())
-        self.seed = seed
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[EpochIndex]:
-        epoch = self.epoch
-        self.generator.manual_seed(self.seed + epoch)
-        return (EpochIndex(i, epoch) for i in super().__iter__())
-
-
 class EpochDistributedSampler(DistributedSampler):
-    """`DistributedSampler` that yields `EpochIndex`es (its order is already (seed, epoch)'s)."""
+    """`DistributedSampler` that yields `EpochIndex`es (its order is already (seed, epoch)'s). One
+    process shuffles with it too (`num_replicas=1, rank=0`: the whole set, in the MAE reference's
+    order), so a resumed run sees the shuffles of an uninterrupted one."""
 
     def __iter__(self) -> Iterator[EpochIndex]:
         epoch = self.epoch
@@ -569,10 +559,11 @@ def build_loader(
     worker base seed comes from a generator of its own).
     """
     sampler: Sampler
-    if get_world_size() > 1:
-        sampler = (EpochDistributedSampler if train else DistributedSampler)(dataset, shuffle=train, seed=seed)
-    elif train:
-        sampler = EpochRandomSampler(dataset, seed=seed)
+    if train:
+        one_process = dict(num_replicas=1, rank=0) if get_world_size() == 1 else {}
+        sampler = EpochDistributedSampler(dataset, shuffle=True, seed=seed, **one_process)
+    elif get_world_size() > 1:
+        sampler = DistributedSampler(dataset, shuffle=False, seed=seed)
     else:
         sampler = SequentialSampler(dataset)
     options = dict(

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.utils import unwrap_model
 from torch.utils.data import DataLoader
 
 from . import distributed
@@ -41,11 +42,8 @@ class OnlineProbe(nn.Module):
         return self.fc(self.norm(features))
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP and / or `torch.compile` wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+# The plain module inside DDP (`.module`) and / or `torch.compile` (`._orig_mod`) wrappers.
+unwrap = unwrap_model
 
 
 class LatentTap:

@@ -7,48 +7,41 @@ iteration) `adjust_learning_rate` sets each group's lr to the schedule times its
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Collection, Iterable
+from types import SimpleNamespace
 from typing import Any
 
+import timm.optim
 import torch
 import torch.nn as nn
 
-_STEM = ("cls_token", "mask_token", "reg_token", "register_tokens", "pos_embed")
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-
-def _no_decay(name: str, param: torch.Tensor, skip: Collection[str]) -> bool:
-    return param.ndim <= 1 or name.endswith(".bias") or name in skip
+# The MAE reference's layer ids (`util/lr_decay.get_layer_id_for_vit`) as a timm group matcher:
+# embeddings and tokens first (0), then `blocks.i` (i + 1); names it leaves unmatched (the final
+# `norm` / `fc_norm`, the head, a decoder) come after the blocks, at lr scale 1.
+MAE_LAYER_MATCHER = {
+    "stem": r"^(?:cls_token|mask_token|reg_token|register_tokens|pos_embed)$|^patch_embed\.",
+    "blocks": r"^blocks\.(\d+)\.",
+}
 
 
 def param_groups_weight_decay(
     model: nn.Module, weight_decay: float, skip: Collection[str] = ()
 ) -> list[dict[str, Any]]:
-    """Two groups: `weight_decay` for weights, none for 1-D parameters, biases and names in `skip`.
+    """`[no decay, decay]`: `timm.optim.param_groups_weight_decay`'s split (no decay on 1-D
+    parameters, biases and names matching `skip`; frozen parameters left out), always as these two
+    groups, as the MAE reference's `add_weight_decay`.
 
-    Frozen parameters are left out. With the default empty `skip` the class and mask tokens
-    ([1, 1, D]) are decayed, as in the MAE pre-training recipe.
+    timm merges them into one group when `weight_decay` is 0 and drops empty ones: the optimizer's
+    groups would then depend on the value, and checkpoints of such runs would not resume. With the
+    default empty `skip` the class and mask tokens ([1, 1, D]) are decayed, as in the MAE
+    pre-training recipe.
     """
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if _no_decay(name, param, skip) else decay).append(param)
+    split = timm.optim.param_groups_weight_decay(model, 1.0, no_weight_decay_list=skip)  # 1.0: decayed
+    params = {group["weight_decay"]: group["params"] for group in split}
     return [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": weight_decay},
+        {"params": params.get(0.0, []), "weight_decay": 0.0},
+        {"params": params.get(1.0, []), "weight_decay": weight_decay},
     ]
-
-
-def layer_id(name: str, num_layers: int) -> int:
-    """Depth of parameter `name` for layer-wise lr decay: 0 for the embeddings and tokens,
-    i + 1 for `blocks.i`, `num_layers` for everything after the blocks (norms, head)."""
-    if name in _STEM or name.startswith("patch_embed."):
-        return 0
-    match = _BLOCK.match(name)
-    if match:
-        return int(match.group(1)) + 1
-    return num_layers
 
 
 def param_groups_layer_decay(
@@ -56,33 +49,22 @@ def param_groups_layer_decay(
     weight_decay: float,
     layer_decay: float,
     no_weight_decay_list: Collection[str] = (),
-    num_layers: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Layer-wise lr decay groups: parameter of layer `i` gets `lr_scale = layer_decay ** (L - i)`
-    with `L = len(model.blocks) + 1` (see `layer_id`); no weight decay on 1-D parameters and on
-    names in `no_weight_decay_list` (exact names). Frozen parameters are left out.
+    """Layer-wise lr decay groups: `timm.optim.param_groups_layer_decay` with the MAE reference's
+    layers (`MAE_LAYER_MATCHER`): the parameters of layer `i` get `lr_scale = layer_decay ** (L - i)`,
+    `L = len(model.blocks) + 1`; no weight decay on 1-D parameters and on names matching
+    `no_weight_decay_list`. Frozen parameters are left out. Groups come in the order their first
+    parameter has in `model.named_parameters()`, keys `params`, `weight_decay`, `lr_scale`.
 
-    Written here rather than on `timm.optim.param_groups_layer_decay`, whose layers differ from
-    the MAE rule: on timm's `VisionTransformer` its `group_matcher` puts the final `norm` in the
-    last block's layer (scale `layer_decay`, MAE: 1); models without a `group_matcher` (such as
-    `MaskedAutoencoderViT`) get a heuristic grouping; `mask_token` is not an embedding there; and
-    its no-decay list matches by wildcard. Everything else agrees, which the tests check.
+    The model's own `group_matcher` (timm's ViT puts the final `norm` in the last block's layer,
+    scale `layer_decay`; the MAE reference gives it 1) is bypassed through a view of the model that
+    answers with ours. timm numbers the layers it finds densely, so the rule equals the reference's
+    for models with parameters before, in and after their blocks (every ViT and MAE here).
     """
-    if num_layers is None:
-        num_layers = len(model.blocks) + 1
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = not (param.ndim <= 1 or name in no_weight_decay_list)
-        lid = layer_id(name, num_layers)
-        group = groups.setdefault((lid, decay), {
-            "params": [],
-            "weight_decay": weight_decay if decay else 0.0,
-            "lr_scale": layer_decay ** (num_layers - lid),
-        })
-        group["params"].append(param)
-    return list(groups.values())
+    view = SimpleNamespace(named_parameters=model.named_parameters,
+                           group_matcher=lambda coarse=False: MAE_LAYER_MATCHER)
+    return timm.optim.param_groups_layer_decay(view, weight_decay=weight_decay, layer_decay=layer_decay,
+                                               no_weight_decay_list=no_weight_decay_list)
 
 
 def adjust_learning_rate(
@@ -97,6 +79,8 @@ def adjust_learning_rate(
     """Linear warm-up to `lr`, then a half-cycle cosine down to `min_lr` at `epochs`.
 
     Sets every group's lr to the value times its `lr_scale` (default 1) and returns the value.
+    Hand-written as the reference's `lr_sched.adjust_learning_rate`, for its arithmetic at fractional
+    epochs (timm's `CosineLRScheduler` steps per epoch or update and warms up as `init + t * step`).
     """
     if epoch_float < warmup_epochs:
         value = lr * epoch_float / warmup_epochs
