@@ -10,12 +10,14 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import TensorDataset
 
+from umae_plugin import checkpoint as ckpt
 from umae_plugin import metrics
 from umae_plugin.analysis import collapse, features
 from umae_plugin.analysis.__main__ import main as cli
 from umae_plugin.engine_pretrain import fixed_images
 from umae_plugin.models_mae import MaskedAutoencoderViT
 from umae_plugin.models_vit import VisionTransformerClassifier
+from umae_plugin.registry import create_model
 
 # LayerNorm eps 1e-6 as every registered factory (and the reference) builds it.
 MICRO = dict(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
@@ -69,10 +71,11 @@ def test_erank_over_epochs_reads_logged_values(tmp_path):
     assert collapse.erank_over_epochs(tmp_path, "effective_rank_cls") == ([0], [2.0])
 
 
-def test_load_model_from_stored_args_and_from_bare_state_dict(tmp_path):
+def test_load_for_analysis_from_stored_args_and_from_bare_state_dict(tmp_path):
     original = micro_checkpoint(tmp_path / "ours.pth").eval()
-    lm = features.load_model(tmp_path / "ours.pth")
-    assert lm.source == "checkpoint args" and lm.input_size == 32 and not lm.report.fresh
+    lm = features.load_for_analysis(tmp_path / "ours.pth")
+    assert lm.source == "inferred" and lm.name == "mae_vit_tiny_patch16" and lm.input_size == 32
+    assert lm.model_args["kwargs"]["num_heads"] == 2 and lm.args["model"] == "mae_vit_tiny_patch16"
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(lm.model.forward_features(x), original.forward_features(x), atol=1e-6)
@@ -82,8 +85,8 @@ def test_load_model_from_stored_args_and_from_bare_state_dict(tmp_path):
                                    decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=1,
                                    norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
     torch.save({"model": foreign.state_dict()}, tmp_path / "foreign.pth")
-    lm = features.load_model(tmp_path / "foreign.pth")
-    assert lm.source == "state dict" and lm.input_size == 32 and lm.has_decoder
+    lm = features.load_for_analysis(tmp_path / "foreign.pth")
+    assert lm.source == "inferred" and lm.input_size == 32 and isinstance(lm.model, MaskedAutoencoderViT)
     assert lm.model.patch_size == 8 and len(lm.model.blocks) == 2
     with torch.no_grad():
         assert torch.allclose(lm.model.forward_features(x), foreign.forward_features(x), atol=1e-6)
@@ -103,7 +106,7 @@ def test_collapse_cli_on_micro_checkpoints(tmp_path):
     assert [e["label"] for e in result["checkpoints"]] == ["MAE", "U-MAE"]
     assert [e["feature_dim"] for e in result["checkpoints"]] == [32, 48]
     # Second computation: the same images through the same model, measured directly.
-    lm = features.load_model(tmp_path / "a.pth")
+    lm = features.load_for_analysis(tmp_path / "a.pth")
     ds = features.build_eval_dataset("digits", None, "val", 32)
     idx = result["sample"]["indices"]
     assert len(idx) == 40 and idx == features.random_indices(len(ds), 40, 0).tolist()
@@ -116,12 +119,12 @@ def test_collapse_cli_on_micro_checkpoints(tmp_path):
     assert csv[0] == "label,epoch,effective_rank" and csv[1:] == ["run,0,2.0", "run,1,3.0", "run,2,4.0"]
 
 
-def test_classifier_and_unknown_name_fall_back_to_shapes(tmp_path):
+def test_classifier_and_unknown_name_fall_back_to_shapes(tmp_path, caplog):
     x = torch.randn(2, 3, 32, 32)
     clf = VisionTransformerClassifier(global_pool=True, img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=1,
                                       num_classes=5, qkv_bias=True).eval()
     torch.save({"model": clf.state_dict()}, tmp_path / "clf.pth")
-    lm = features.load_model(tmp_path / "clf.pth")
+    lm = features.load_for_analysis(tmp_path / "clf.pth")
     assert isinstance(lm.model, VisionTransformerClassifier) and lm.model.global_pool_enabled
     with torch.no_grad():
         assert torch.allclose(lm.model.forward_features(x), clf.forward_features(x), atol=1e-6)
@@ -129,18 +132,42 @@ def test_classifier_and_unknown_name_fall_back_to_shapes(tmp_path):
     args = argparse.Namespace(model="mae_vit_tiny_patch16", input_size=32, patch_size=4, embed_dim=64, depth=1,
                               num_heads=1, global_pool=True)
     torch.save({"model": clf.state_dict(), "args": args}, tmp_path / "probe.pth")
-    lm = features.load_model(tmp_path / "probe.pth")
-    assert lm.source == "checkpoint args" and isinstance(lm.model, VisionTransformerClassifier)
+    lm = features.load_for_analysis(tmp_path / "probe.pth")
+    assert lm.name == "vit_tiny_patch16" and isinstance(lm.model, VisionTransformerClassifier)
     with torch.no_grad():
         assert torch.allclose(lm.model.forward_features(x), clf.forward_features(x), atol=1e-6)
     # Stored args naming a model this process does not know: rebuilt from the shapes instead.
     mae = MaskedAutoencoderViT(**{**MICRO, "embed_dim": 64, "num_heads": 1, "decoder_num_heads": 1}).eval()
     torch.save({"model": mae.state_dict(), "args": argparse.Namespace(model="mae_vit_gone", input_size=32)},
                tmp_path / "gone.pth")
-    lm = features.load_model(tmp_path / "gone.pth")
-    assert lm.source == "state dict"
+    with caplog.at_level("WARNING", logger="umae.checkpoint"):
+        lm = features.load_for_analysis(tmp_path / "gone.pth")
+    assert "mae_vit_gone" in caplog.text and lm.name != "mae_vit_gone"
     with torch.no_grad():
         assert torch.allclose(lm.model.forward_features(x), mae.forward_features(x), atol=1e-6)
+
+
+def test_model_flag_names_the_factory_and_input_size_resamples(tmp_path):
+    """`--model` gives a bare state dict its factory (heads no shape tells); `--input_size` rebuilds
+    at another size; a stored "model_args" record is used as is."""
+    torch.manual_seed(0)
+    micro = create_model("mae_vit_micro").eval()  # 2 heads of width 16, LayerNorm eps 1e-5
+    torch.save({"model": micro.state_dict()}, tmp_path / "bare.pth")
+    x = torch.randn(2, 3, 32, 32)
+    assert features.load_for_analysis(tmp_path / "bare.pth").model.blocks[0].attn.num_heads == 1  # guessed
+    lm = features.load_for_analysis(tmp_path / "bare.pth", model="mae_vit_micro")
+    assert lm.source == "command line" and lm.model.blocks[0].attn.num_heads == 2
+    with torch.no_grad():
+        assert torch.allclose(lm.model.forward_features(x), micro.forward_features(x), atol=1e-6)
+    lm = features.load_for_analysis(tmp_path / "bare.pth", model="mae_vit_micro", input_size=48)
+    assert lm.input_size == 48 and lm.model.pos_embed.shape[1] == 1 + 12 * 12
+    record = ckpt.model_args("mae_vit_micro", {"embed_dim": 48, "num_heads": 3})
+    model = ckpt.build_model(record).eval()
+    torch.save({"model": model.state_dict(), "model_args": record}, tmp_path / "new.pth")
+    lm = features.load_for_analysis(tmp_path / "new.pth", model="mae_vit_tiny_patch16")
+    assert lm.source == "model_args" and lm.name == "mae_vit_micro" and lm.model_args == record
+    with torch.no_grad():
+        assert torch.allclose(lm.model.forward_features(x), model.forward_features(x), atol=1e-6)
 
 
 def test_random_indices_are_the_images_training_measures():

@@ -276,3 +276,208 @@ def test_save_checkpoint_and_restore_a_missing_numbered_one(tmp_path):
     assert ckpt.restore_missing_checkpoint(tmp_path, resumed, 3, 5, "auto") == tmp_path / "checkpoint-4.pth"  # last
     assert torch.equal(ckpt.torch_load(tmp_path / "checkpoint-4.pth")["model"]["w"], torch.arange(3.0))
     assert ckpt.restore_missing_checkpoint(tmp_path, resumed, 2, 10, "auto") is None  # there now
+
+
+# ---------------------------------------------------------------------------------------------
+# self-describing checkpoints: model_args, plain args, load_model, infer_model_args
+
+SMALL = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3)  # none of them a factory default
+SMALL_DEC = dict(decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)
+# (registry name, constructor keywords, probe head, the `--model` an older run would have stored)
+FAMILIES = {
+    "mae": ("mae_vit_tiny_patch16", {**SMALL, **SMALL_DEC, "norm_pix_loss": True}, None, "mae_vit_tiny_patch16"),
+    "umae": ("umae_vit_tiny_patch16", {**SMALL, **SMALL_DEC, "lambda_unif": 0.05, "unif_pool": "cls"}, None,
+             "umae_vit_tiny_patch16"),
+    "simmim": ("simmim_vit_tiny_patch16", SMALL, None, "simmim_vit_tiny_patch16"),
+    "usimmim": ("usimmim_vit_tiny_patch16", {**SMALL, "lambda_unif": 0.1}, None, "usimmim_vit_tiny_patch16"),
+    "vit_global_pool": ("vit_tiny_patch16", {**SMALL, "num_classes": 7, "global_pool": True}, None, "vit_tiny_patch16"),
+    "vit_cls_token": ("vit_tiny_patch16", {**SMALL, "num_classes": 7, "global_pool": False}, None,
+                      "mae_vit_tiny_patch16"),
+    "linear_probe": ("vit_tiny_patch16", {**SMALL, "num_classes": 7, "global_pool": False}, "batchnorm",
+                     "mae_vit_tiny_patch16"),
+}
+
+
+def family_model(family):
+    """A trained-looking model of `family` built through the registry: random weights everywhere,
+    norms and BatchNorm statistics included (so that a part left fresh would show)."""
+    from umae_plugin.registry import create_model
+
+    name, kwargs, head, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs)
+    if head == "batchnorm":
+        model.head = ckpt.linear_probe_head(model.head)
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                value.copy_(torch.rand_like(value) + 0.5 if key.endswith(("running_var", "norm.weight")) else
+                            torch.randn_like(value) * 0.1)
+    return model.eval()
+
+
+def old_args(family):
+    """The Namespace an older run of ours stored: `--model` and the overrides it was given."""
+    name, kwargs, _, stored = FAMILIES[family]
+    fields = dict(model=stored, input_size=kwargs["img_size"], patch_size=kwargs["patch_size"],
+                  embed_dim=kwargs["embed_dim"], depth=kwargs["depth"], num_heads=kwargs["num_heads"])
+    fields.update({k: v for k, v in kwargs.items() if k.startswith(("decoder_", "norm_pix", "lambda", "unif"))})
+    if "global_pool" in kwargs:
+        fields.update(global_pool=kwargs["global_pool"], nb_classes=kwargs["num_classes"])
+    return argparse.Namespace(**fields)
+
+
+def masked_pass(model, x):
+    """A pre-training model's whole pass (encoder, decoder, loss terms) with a seeded mask draw."""
+    torch.manual_seed(2)
+    return model(x, 0.5, return_terms=True)
+
+
+def assert_same_model(a, b):
+    """Same class, same tensors, same outputs; `b` in eval mode."""
+    assert type(a) is type(b) and not b.training
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(a.forward_features(x), b.forward_features(x))
+        if isinstance(a, VisionTransformerClassifier):
+            assert torch.equal(a(x), b(x))
+            return
+        (loss_a, pred_a, mask_a, terms_a), (loss_b, pred_b, mask_b, terms_b) = masked_pass(a, x), masked_pass(b, x)
+        assert torch.equal(mask_a, mask_b) and torch.equal(pred_a, pred_b) and torch.equal(loss_a, loss_b)
+        assert terms_a.keys() == terms_b.keys()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_new_format_round_trip_reads_weights_only(tmp_path, family):
+    from umae_plugin.cli import DefaultMaskRatio
+
+    name, kwargs, head, _ = FAMILIES[family]
+    src = family_model(family)
+    run_args = argparse.Namespace(model=name, output_dir=tmp_path / "run", mask_ratio=DefaultMaskRatio(), epochs=3,
+                                  device=torch.device("cpu"), cutmix_minmax=(0.2, 0.8), resume="")
+    path = tmp_path / "checkpoint-3.pth"
+    ckpt.save_atomic({"model": src.state_dict(), "model_args": ckpt.model_args(name, kwargs, head),
+                      "args": ckpt.plain_args(run_args), "epoch": 3}, path)
+    obj = torch.load(path, weights_only=True)  # plain: no allow-list needed
+    assert obj["model_args"] == {"name": name, "kwargs": kwargs, **({"head": head} if head else {})}
+    assert obj["args"]["output_dir"] == str(tmp_path / "run") and type(obj["args"]["mask_ratio"]) is float
+    dst = ckpt.load_model(path)
+    assert_same_model(src, dst)
+    assert_same_model(src, ckpt.load_model(obj))
+    if family == "umae":
+        assert dst.lambda_unif == 0.05 and dst.feature_pool == "cls"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_old_format_with_namespace_args_goes_through_inference(tmp_path, family):
+    name, kwargs, head, _ = FAMILIES[family]
+    src = family_model(family)
+    path = tmp_path / "checkpoint-3.pth"
+    torch.save({"model": src.state_dict(), "args": old_args(family), "epoch": 3}, path)
+    with pytest.raises(Exception, match="argparse.Namespace"):
+        torch.load(path, weights_only=True)  # why the format changes
+    record = ckpt.infer_model_args(ckpt.torch_load(path)["model"], old_args(family))
+    assert record["name"] == name and record.get("head") == head
+    assert {k: record["kwargs"][k] for k in kwargs} == kwargs  # and only derived extras beside them
+    assert ckpt.checkpoint_model_args(ckpt.torch_load(path)) == record
+    assert_same_model(src, ckpt.load_model(path))
+
+
+def official_shaped(kind):
+    """Standard widths (192: 3 heads; decoder 512: 16 heads), so the shapes tell everything."""
+    torch.manual_seed(0)
+    enc = dict(img_size=32, patch_size=4, embed_dim=192, depth=1, num_heads=3)
+    if kind == "classifier":
+        return vit(global_pool=True, **enc).eval()
+    if kind == "probe":
+        model = vit(global_pool=False, **{**enc, "num_classes": 1000})
+        model.head = ckpt.linear_probe_head(model.head)
+        with torch.no_grad():
+            model.head[0].running_var.uniform_(0.5, 2.0)
+        return model.eval()
+    return mae(**enc, decoder_embed_dim=512, decoder_depth=1, decoder_num_heads=16).eval()
+
+
+@pytest.mark.parametrize("kind", ["mae", "classifier", "probe"])
+def test_official_mae_shaped_file_is_inferred_exactly(tmp_path, kind):
+    src = official_shaped(kind)
+    torch.save({"model": src.state_dict()}, tmp_path / "official.pth")
+    record = ckpt.infer_model_args(src.state_dict())
+    assert record["name"] == ("mae_vit_tiny_patch16" if kind == "mae" else "vit_tiny_patch16")
+    assert record["kwargs"]["num_heads"] == 3 and record["kwargs"].get("decoder_num_heads", 16) == 16
+    assert_same_model(src, ckpt.load_model(tmp_path / "official.pth"))
+
+
+def test_encoder_only_file_becomes_a_headless_classifier_with_the_same_features():
+    src = official_shaped("mae")
+    enc = {k: v for k, v in src.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    model = ckpt.load_model({"model": enc})
+    assert isinstance(model, VisionTransformerClassifier) and model.num_classes == 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), src.forward_features(x, pool="mean"))
+
+
+def test_umae_reference_online_probe_keys_dropped_by_load_model():
+    src = official_shaped("mae")
+    sd = dict(src.state_dict(), **{"fc.weight": torch.randn(10, 192), "fc_norm.weight": torch.ones(192),
+                                   "fc_norm.bias": torch.zeros(192)})
+    assert_same_model(src, ckpt.load_model({"model": sd}))
+
+
+def test_model_args_rejects_what_json_cannot_carry():
+    assert ckpt.model_args("vit_micro", {"img_size": (32, 32)})["kwargs"] == {"img_size": [32, 32]}
+    with pytest.raises(ValueError, match="norm_layer"):
+        ckpt.model_args("mae_vit_micro", {"depth": 2, "norm_layer": partial(nn.LayerNorm, eps=1e-6)})
+    with pytest.raises(ValueError, match="out_dir"):
+        ckpt.model_args("mae_vit_micro", {"out_dir": ckpt.Path("/tmp")})
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        ckpt.model_args("mae_vit_micro", {"mlp_ratio": float("nan")})
+    with pytest.raises(ValueError, match="table"):
+        ckpt.model_args("mae_vit_micro", {"table": {1: 2}})  # JSON would turn the key into "1"
+    with pytest.raises(ValueError, match="head"):
+        ckpt.model_args("vit_micro", {}, head="mlp")
+    assert ckpt.plain_args({"a": {"b": ckpt.Path("x")}, "c": {3}, "d": True}) == {"a": {"b": "x"}, "c": [3], "d": True}
+
+
+def test_load_model_mismatch_is_one_line_naming_keys(tmp_path):
+    src = family_model("mae")
+    _, kwargs, _, _ = FAMILIES["mae"]
+    torch.save({"model": src.state_dict(), "model_args": ckpt.model_args("mae_vit_tiny_patch16", {**kwargs, "depth": 1})},
+               tmp_path / "bad.pth")
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"bad.pth: .*unexpected blocks\.1\.") as err:
+        ckpt.load_model(tmp_path / "bad.pth")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="cannot build mae_vit_gone"):
+        ckpt.load_model({"model": src.state_dict(), "model_args": {"name": "mae_vit_gone", "kwargs": {}}})
+    with pytest.raises(ckpt.CheckpointMismatchError, match="no 'cls_token'"):
+        ckpt.infer_model_args({"blocks.0.mlp.fc1.weight": torch.zeros(4, 2)})
+
+
+def test_infer_model_args_gives_what_classify_reads_off_checkpoints():
+    """What `classify.checkpoint_geometry` / `checkpoint_encoder_overrides` recover, from the weights
+    (the args only for what shapes do not tell): geometry, encoder sizes, class count, pooling."""
+    src = family_model("linear_probe")
+    stored = argparse.Namespace(model="mae_vit_tiny_patch16", input_size=64, num_heads=3)  # input_size: not these weights'
+    kw = ckpt.infer_model_args({"model": src.state_dict()}, stored)["kwargs"]
+    assert (kw["img_size"], kw["patch_size"], kw["embed_dim"], kw["depth"], kw["num_heads"]) == (32, 4, 48, 2, 3)
+    assert (kw["num_classes"], kw["global_pool"], kw["mlp_ratio"], kw["in_chans"]) == (7, False, 4.0, 3)
+
+
+def test_stored_model_names_map_onto_the_weights_family():
+    """A pre-training name stored beside classifier weights (SimMIM's, the reference's `_dec512d8b`
+    alias) names its `vit_*`; a name of another family than the weights' is not used."""
+    from umae_plugin.registry import create_model
+
+    clf = create_model("vit_micro", num_classes=3).state_dict()
+    for stored in ("usimmim_vit_micro", "mae_vit_micro", "vit_micro"):
+        assert ckpt.infer_model_args(clf, {"model": stored})["name"] == "vit_micro"
+    with torch.device("meta"):  # shapes are all inference reads
+        tiny = create_model("vit_tiny_patch16", **{**SMALL, "num_classes": 3}).state_dict()
+        simmim = create_model("simmim_vit_micro").state_dict()
+    assert ckpt.infer_model_args(tiny, {"model": "mae_vit_tiny_patch16_dec512d8b"})["name"] == "vit_tiny_patch16"
+    assert ckpt.infer_model_args(simmim, {"model": "usimmim_vit_micro"})["name"] == "usimmim_vit_micro"
+    assert ckpt.infer_model_args(simmim, {"model": "usimmim_vit_micro", "lambda_unif": 0})["name"] == "simmim_vit_micro"
+    assert ckpt.infer_model_args(simmim, {"model": "mae_vit_micro"})["name"].startswith("simmim_vit_")

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from umae_plugin import classify, models_mae, models_simmim, models_umae
-from umae_plugin.analysis import features
 from umae_plugin.pretrain import build_pretrain_model, default_lambda, default_mask_ratio
 from umae_plugin.registry import ModelName, classifier_arch, list_models, parse_model_name, pretrain_name
 
@@ -118,16 +117,6 @@ def test_simmim_names_build_their_family():
         plain = build_pretrain_model("usimmim_vit_tiny_patch16", lambda_unif=0)
         unif = build_pretrain_model("simmim_vit_tiny_patch16", lambda_unif=0.01)
     assert type(plain) is models_simmim.SimMIMViT and type(unif) is models_simmim.USimMIMViT
-
-
-def test_analysis_reads_classifier_weights_of_a_simmim_name():
-    head = {"head.weight": torch.zeros(3, 32)}
-    assert features._classifier_name("usimmim_vit_micro", head) == "vit_micro"
-    assert features._classifier_name("mae_vit_base_patch16_dec512d8b", head) == "vit_base_patch16"
-    assert features._classifier_name("vit_micro", {}) == "vit_micro"
-    assert features._classifier_name("simmim_vit_micro", {"decoder.weight": torch.zeros(1)}) is None
-    with pytest.raises(ValueError, match="'resnet50' names no vit_"):
-        features._classifier_name("resnet50", head)
 
 
 def test_one_model_name_regex_in_the_package():

@@ -1,5 +1,8 @@
-"""Checkpoint I/O, used by every script: load any MAE-family checkpoint into a pre-training model or
-a classifier, export timm weights, and write checkpoints atomically.
+"""Checkpoint I/O, used by every script: rebuild the model of any checkpoint (`load_model`), load any
+MAE-family checkpoint into a given pre-training model or classifier (`load_pretrained`), export timm
+weights, and write checkpoints atomically. The checkpoint format lives here: a model's constructor
+arguments travel with its weights under "model_args" (`model_args`, `plain_args`), and files that
+lack them are read off their shapes in one place (`infer_model_args`).
 
 Accepted sources (a path or an already loaded dict): official MAE checkpoints (`{"model": ...}`),
 their encoder-only pre-training files, visualisation files with the decoder, fine-tuned and
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import logging
 import math
 import os
@@ -28,7 +32,9 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
+from . import registry
 from .errors import UserError, one_line
+from .models_mae import ARCHS
 
 log = logging.getLogger("umae.checkpoint")
 
@@ -317,6 +323,332 @@ def export_timm_state_dict(
     )
     load_pretrained(model, src)
     return model.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# self-describing checkpoints: the model's constructor arguments travel with its weights
+#
+# A checkpoint carries `"model_args": {"name": <registry factory name>, "kwargs": {...}}` (plus
+# `"head": "batchnorm"` for a linear probe) and `"args": plain_args(args)`: plain values only, so
+# `torch.load(path, weights_only=True)` reads it and `load_model` rebuilds the exact model from the
+# file alone. Files without the record (official MAE files, older files of ours, fine-tuned and
+# linear-probe classifiers) go through `infer_model_args`, the one place that reads an architecture
+# off tensor shapes.
+
+MODEL_ARGS_KEY = "model_args"
+PROBE_HEADS = ("batchnorm",)  # head.0 BatchNorm1d (no affine, eps 1e-6) + head.1 Linear, as linear probing builds it
+
+
+def model_args(name: str, kwargs: Mapping[str, Any], head: str | None = None) -> dict[str, Any]:
+    """The record a checkpoint carries under "model_args": `registry.create_model(name, **kwargs)`
+    builds its model (`head="batchnorm"`: then with `linear_probe_head`). Every keyword value must
+    survive a JSON round trip unchanged (tuples become lists), else ValueError naming the key."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model_args: the model name must be a non-empty string, got {name!r}")
+    if head is not None and head not in PROBE_HEADS:
+        raise ValueError(f"model_args {name}: unknown head {head!r}; known: {', '.join(PROBE_HEADS)}")
+    plain: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if not isinstance(key, str):
+            raise ValueError(f"model_args {name}: keyword {key!r} is not a string")
+        try:
+            plain[key] = json.loads(json.dumps(value, allow_nan=False))
+        except (TypeError, ValueError):
+            plain[key] = _NOT_JSON
+        if plain[key] != _lists(value):
+            raise ValueError(f"model_args {name}: {key}={value!r} ({type(value).__name__}) is not a JSON value")
+    record: dict[str, Any] = {"name": name, "kwargs": plain}
+    if head is not None:
+        record["head"] = head
+    return record
+
+
+_NOT_JSON = object()
+
+
+def _lists(value: Any) -> Any:
+    """`value` with tuples as lists (what JSON gives back), for comparison."""
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
+
+
+def plain_args(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    """A run's arguments as a plain, JSON-able dict, to store under "args" instead of the
+    Namespace: subclasses of bool / int / float / str (`cli.DefaultMaskRatio`) become the plain
+    type, tuples and sets lists, mappings dicts with string keys, anything else (`Path`,
+    `torch.device`, ...) its string."""
+    items = vars(args) if isinstance(args, argparse.Namespace) else args
+    return {str(k): _plain(v) for k, v in items.items()}
+
+
+def _plain(value: Any) -> Any:
+    if value is None:
+        return None
+    for kind in (bool, int, float, str):  # bool first: it is an int
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_plain(v) for v in value), key=repr)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def stored_args(checkpoint: Any) -> dict[str, Any] | None:
+    """The run arguments a loaded checkpoint holds under "args" (a Namespace in older files and
+    upstream ones, a plain dict in new ones) as a dict; None when it has none."""
+    args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, Mapping) else None
+
+
+def linear_probe_head(linear: nn.Linear) -> nn.Sequential:
+    """The reference linear probe's head: a BatchNorm without affine parameters before `linear`
+    (state-dict keys `head.0.*`, `head.1.*`)."""
+    return nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
+
+
+def build_model(record: Mapping[str, Any]) -> nn.Module:
+    """The model a "model_args" record describes, freshly initialised, in training mode."""
+    record = _checked_record(record)
+    model = registry.create_model(record["name"], **record["kwargs"])
+    if record.get("head") == "batchnorm":
+        model.head = linear_probe_head(model.head)
+    return model
+
+
+def _checked_record(record: Any) -> dict[str, Any]:
+    if not isinstance(record, Mapping) or not isinstance(record.get("kwargs", {}), Mapping):
+        raise CheckpointMismatchError(f"malformed model_args {record!r}: expected {{'name': ..., 'kwargs': {{...}}}}")
+    try:
+        return model_args(record.get("name"), record.get("kwargs", {}), record.get("head"))
+    except ValueError as err:
+        raise CheckpointMismatchError(f"malformed {err}") from None
+
+
+def checkpoint_model_args(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The "model_args" record of a loaded checkpoint: the stored one, else `infer_model_args` from
+    its weights and stored args."""
+    if isinstance(checkpoint, Mapping) and checkpoint.get(MODEL_ARGS_KEY) is not None:
+        return _checked_record(checkpoint[MODEL_ARGS_KEY])
+    return infer_model_args(extract_state_dict(checkpoint), stored_args(checkpoint))
+
+
+def load_model(path_or_checkpoint: str | os.PathLike | Mapping[str, Any],
+               map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the exact model of a checkpoint (a path or a loaded dict) from the file alone: from
+    its "model_args" record, else from `infer_model_args`; weights loaded strictly. Returns the
+    model in eval mode on `map_location`. Weights that do not fit the model are a one-line
+    `CheckpointMismatchError` naming the keys; U-MAE reference online-probe keys (`fc.*`,
+    `fc_norm.*` beside a decoder) are dropped first."""
+    if isinstance(path_or_checkpoint, (str, os.PathLike)):
+        try:
+            return load_model(torch_load(path_or_checkpoint, map_location), map_location)
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(f"{path_or_checkpoint}: {err}") from None
+    record = checkpoint_model_args(path_or_checkpoint)
+    try:
+        model = build_model(record)
+    except (ValueError, TypeError, AssertionError) as err:  # unregistered name, unknown keyword, heads vs width
+        raise CheckpointMismatchError(f"cannot build {record['name']}: {first_line(err)}") from None
+    state = _without_probe_keys(extract_state_dict(path_or_checkpoint), model.state_dict())
+    problems = _misfit(model.state_dict(), state)
+    if problems:
+        raise CheckpointMismatchError(f"the weights do not fit {record['name']}: {problems}")
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location).eval()
+
+
+def _without_probe_keys(state: Mapping[str, torch.Tensor], target: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """`state` less the U-MAE reference's online-probe keys (`fc.*`, `fc_norm.*` in a checkpoint
+    with a decoder) that the model does not have."""
+    with_decoder = any(_group(k) == "decoder" for k in state)
+    dropped = [k for k in state if with_decoder and _group(k) in ("fc", "fc_norm") and k not in target]
+    if dropped:
+        log.info("ignoring the online-probe keys %s of a pre-training checkpoint", ", ".join(dropped))
+    return {k: v for k, v in state.items() if k not in dropped}
+
+
+def _misfit(target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """What keeps `state` from a strict load into a model with state dict `target`, in one line
+    ("" when it fits)."""
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+              for k in target if k in state and state[k].shape != target[k].shape]
+    parts = [f"{label} {few(keys)}" for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                                          ("shape (checkpoint vs model)", shapes)) if keys]
+    return "; ".join(parts)
+
+
+# Heads of the standard encoders by width (heads change no weight shape), for files that say nothing else.
+_HEADS_BY_WIDTH = {cfg["embed_dim"]: cfg["num_heads"] for cfg in ARCHS.values()}
+
+
+def infer_model_args(state_dict: Mapping[str, Any], saved_args: Mapping[str, Any] | argparse.Namespace | None = None
+                     ) -> dict[str, Any]:
+    """The "model_args" record of a checkpoint that has none, from its weights (`state_dict`: a
+    state dict, or a checkpoint dict holding one) and the run arguments stored beside them
+    (`saved_args`: a Namespace or dict, or None).
+
+    The weights decide the family and every shape: a decoder (`decoder_embed.*`) is MAE, a one-layer
+    `decoder_pred` without it SimMIM, a `head.*` a classifier (`fc_norm` present: `global_pool`;
+    `head.0` BatchNorm + `head.1` Linear: a linear probe), neither an encoder-only export (built as
+    a classifier without head, `global_pool` over the final norm: the pre-training models' mean-pooled
+    features); image and patch size, channels, width, depth, MLP ratio, decoder width and depth, and
+    the class count are read off the shapes. The arguments give what shapes do not say: the model
+    name (`model`: a pre-training name maps to its `vit_*` for classifier weights, and to the `u*`
+    model when `lambda_unif` > 0), `num_heads` / `decoder_num_heads` (else the named factory's),
+    `norm_pix_loss`, `lambda_unif` and `unif_pool`. Without a usable name (none, unregistered, or
+    not fitting the weights) a standard name of that family is used and the heads are guessed from
+    the width (the standard ViT's, else width / 64; decoder 16 at 512, else width / 32), with a
+    warning. The record is checked against the weights on the meta device before it is returned."""
+    state = extract_state_dict(state_dict)
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"):
+        if key not in state:
+            raise CheckpointMismatchError(f"cannot infer the architecture: the weights have no {key!r}")
+    saved = dict(vars(saved_args) if isinstance(saved_args, argparse.Namespace) else saved_args or {})
+    kind = _weights_kind(state)
+    name = _saved_name(kind, saved)
+    if name is not None:
+        try:
+            return _inferred_record(kind, name, state, saved, guess_heads=False)
+        except (ValueError, TypeError, AssertionError) as err:  # CheckpointMismatchError is a ValueError
+            log.warning("the checkpoint's args name model %r, which does not fit its weights (%s): reading the "
+                        "architecture from the shapes", saved.get("model"), first_line(err))
+    return _inferred_record(kind, _standard_name(kind, state, saved), state, saved, guess_heads=True)
+
+
+def _weights_kind(state: Mapping[str, torch.Tensor]) -> str:
+    """"mae", "simmim", "classifier" or "encoder" (no decoder, no head), from the keys."""
+    if "decoder_embed.weight" in state:
+        return "mae"
+    if "decoder_pred.weight" in state:
+        return "simmim"
+    return "classifier" if any(_group(k) == "head" for k in state) else "encoder"
+
+
+def _uniformity(saved: Mapping[str, Any], named_u: bool) -> float:
+    """The uniformity weight the run used: its `lambda_unif`, else the default for its name
+    (`pretrain.default_lambda`: 0.01 for `umae_*` / `usimmim_*`, else 0)."""
+    value = saved.get("lambda_unif")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.01 * named_u
+
+
+def _saved_name(kind: str, saved: Mapping[str, Any]) -> str | None:
+    """The registered factory the stored `model` names for weights of `kind`, or None."""
+    name = saved.get("model")
+    if not isinstance(name, str):
+        return None
+    try:
+        parsed = registry.parse_model_name(name)
+    except ValueError:
+        return name if name in registry.list_models() else None  # a custom name: checked against the weights
+    if kind in ("classifier", "encoder"):
+        resolved = parsed.arch
+    elif parsed.family != kind:
+        return None
+    else:
+        resolved = registry.pretrain_name(kind, _uniformity(saved, parsed.uniformity) > 0, parsed.arch)
+    if resolved not in registry.list_models():
+        log.warning("the checkpoint's args name model %r, which is not registered here (%s): reading the "
+                    "architecture from the shapes", name, resolved)
+        return None
+    return resolved
+
+
+def _named_uniformity(name: str) -> bool:
+    try:
+        return registry.parse_model_name(name).uniformity
+    except ValueError:
+        return False
+
+
+def _standard_name(kind: str, state: Mapping[str, torch.Tensor], saved: Mapping[str, Any]) -> str:
+    """A standard factory of the weights' family: the encoder of the same width, patch and depth
+    (else width, else base); every shape is passed explicitly anyway."""
+    width, patch = state["cls_token"].shape[-1], state["patch_embed.proj.weight"].shape[-1]
+    depth = _depth(state, "blocks.")
+    arch = next((a for a, c in ARCHS.items() if (c["embed_dim"], c["patch_size"], c["depth"]) == (width, patch, depth)),
+                next((a for a, c in ARCHS.items() if c["embed_dim"] == width), "base_patch16"))
+    if kind in ("classifier", "encoder"):
+        return f"vit_{arch}"
+    return registry.pretrain_name(kind, _uniformity(saved, False) > 0, f"vit_{arch}")
+
+
+def _depth(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    return 1 + max((int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)), default=-1)
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _guessed_heads(width: int, saved: Any, table: Mapping[int, int], per_head: int, what: str) -> int:
+    if _positive_int(saved) and width % saved == 0:
+        return saved
+    heads = table.get(width) or max(1, width // per_head)
+    while width % heads:
+        heads -= 1
+    log.warning("%s=%d guessed from the width %d (heads change no weight shape)", what, heads, width)
+    return heads
+
+
+def _inferred_record(kind: str, name: str, state: Mapping[str, torch.Tensor], saved: Mapping[str, Any],
+                     guess_heads: bool) -> dict[str, Any]:
+    width = state["cls_token"].shape[-1]
+    proj = state["patch_embed.proj.weight"]  # [D, C, p, p]
+    patch = proj.shape[-1]
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    mlp_ratio = hidden / width
+    if int(width * mlp_ratio) != hidden:  # Block builds int(width * mlp_ratio) hidden units
+        mlp_ratio = math.nextafter(mlp_ratio, math.inf)
+    kwargs: dict[str, Any] = dict(img_size=_grid(state["pos_embed"].shape[1])[0] * patch, patch_size=patch,
+                                  in_chans=proj.shape[1], embed_dim=width, depth=_depth(state, "blocks."),
+                                  num_heads=saved.get("num_heads"), mlp_ratio=mlp_ratio)
+    head = None
+    if kind == "mae":
+        kwargs.update(decoder_embed_dim=state["decoder_embed.weight"].shape[0],
+                      decoder_depth=_depth(state, "decoder_blocks."), decoder_num_heads=saved.get("decoder_num_heads"))
+    if kind in ("mae", "simmim"):
+        kwargs["norm_pix_loss"] = bool(saved.get("norm_pix_loss", False))
+        if _named_uniformity(name):
+            unif_pool = saved.get("unif_pool")
+            kwargs.update(lambda_unif=_uniformity(saved, True), unif_pool=unif_pool if isinstance(unif_pool, str) else "mean")
+    else:
+        linear = "head.1.weight" if "head.1.weight" in state else "head.weight"
+        kwargs.update(num_classes=state[linear].shape[0] if linear in state else 0,
+                      global_pool="fc_norm.weight" in state or kind == "encoder")
+        if kind == "encoder":
+            kwargs["fc_norm"] = False  # the final norm before the patch-token mean: pool_latent(..., "mean")
+        head = "batchnorm" if linear == "head.1.weight" else None
+    heads = [k for k in ("num_heads", "decoder_num_heads") if k in kwargs]
+    if guess_heads:
+        kwargs["num_heads"] = _guessed_heads(width, kwargs["num_heads"], _HEADS_BY_WIDTH, 64, "num_heads")
+        if kind == "mae":
+            kwargs["decoder_num_heads"] = _guessed_heads(kwargs["decoder_embed_dim"], kwargs["decoder_num_heads"],
+                                                         {512: 16}, 32, "decoder_num_heads")
+    with torch.device("meta"):  # no memory, no weights: the factory's defaults (heads) and the shapes
+        model = build_model(model_args(name, {k: v for k, v in kwargs.items() if k not in heads or _positive_int(v)},
+                                       head))
+    kwargs["num_heads"] = model.blocks[0].attn.num_heads
+    if kind == "mae":
+        kwargs["decoder_num_heads"] = model.decoder_blocks[0].attn.num_heads
+    problems = _misfit(model.state_dict(), _without_probe_keys(state, model.state_dict()))
+    if problems:
+        raise CheckpointMismatchError(f"the weights do not fit {name}: {problems}")
+    return model_args(name, kwargs, head)
 
 
 class CheckpointWriteError(UserError):

@@ -9,7 +9,7 @@
 | `sweep`     | lambda sweep summary: losses, effective rank, probe accuracy (Table 3)             |
 
 Every tool writes PNG figures and JSON / CSV numbers into `--output_dir`. Models are rebuilt from
-any checkpoint `umae_plugin.checkpoint.load_pretrained` accepts (`features.load_model`).
+any checkpoint by `umae_plugin.checkpoint.load_model` (`features.load_for_analysis`).
 """
 
 TOOLS: dict[str, str] = {

@@ -33,6 +33,7 @@ import torch
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..models_mae import MaskedAutoencoderViT
+from ..models_vit import VisionTransformerClassifier
 from . import features as F
 from . import report
 
@@ -139,7 +140,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unnormalize", default="visible", choices=["visible", "oracle"],
                         help="norm_pix_loss models: statistics for removed patches (see the module docstring)")
     parser.add_argument("--norm_pix_loss", default=None, action=argparse.BooleanOptionalAction,
-                        help="for checkpoints without args: whether the model predicts normalised patches")
+                        help="whether the model predicts normalised patches (default: the checkpoint's)")
     parser.add_argument("--cell_px", default=160, type=int, help="size of each image cell in pixels")
     F.add_data_args(parser)
     F.add_model_args(parser)
@@ -153,13 +154,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     device = F.device_from(args.device)  # DeviceError before anything is written
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lm = F.load_model(args.checkpoint, model=args.model, input_size=args.input_size, patch_size=args.patch_size,
-                      device=device, norm_pix_loss=args.norm_pix_loss)
+    lm = F.load_for_analysis(args.checkpoint, model=args.model, input_size=args.input_size, device=device)
+    if isinstance(lm.model, VisionTransformerClassifier):
+        raise SystemExit(f"error: {args.checkpoint} holds a classifier or an encoder-only export: it has no decoder, "
+                         "nothing to reconstruct with")
     if not isinstance(lm.model, MaskedAutoencoderViT):
         raise SystemExit(f"error: {args.checkpoint} holds a {type(lm.model).__name__}, not an MAE pre-training model")
-    if not lm.has_decoder:
-        raise SystemExit(f"error: {args.checkpoint} has no decoder weights (an encoder-only export?): "
-                         "nothing to reconstruct with")
     if args.norm_pix_loss is not None:
         lm.model.norm_pix_loss = args.norm_pix_loss
     ds = F.build_eval_dataset(args.dataset, args.data_path, args.split, lm.input_size)
