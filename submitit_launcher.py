@@ -18,12 +18,13 @@ The same on a machine without SLURM (CPU processes, gloo): add `--cluster local 
 --tasks_per_node 2`. Without --job_dir the job folder is $UMAE_JOB_DIR/%j. `--dry_run` prints the
 sbatch script instead of submitting. Jobs resume from their output folder (`--resume auto`) unless
 --resume is given, so a requeued or resubmitted job continues where it stopped; see
-umae_plugin/slurm.py for the details.
+umae_plugin/slurm.py for the details. Installed, the same command is `umae-submit`.
 """
 import sys
-from pathlib import Path
 
-from umae_plugin.slurm import main, parse_args  # noqa: F401  (parse_args: for tests and notebooks)
+from umae_plugin.slurm import main, parse_args
+
+__all__ = ["main", "parse_args"]  # parse_args: for tests and notebooks
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], script_dir=Path(__file__).resolve().parent))
+    sys.exit(main(sys.argv[1:]))

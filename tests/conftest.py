@@ -7,6 +7,11 @@ DATA = Path(__file__).parent / "data"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes tens of seconds or more; the README's test command runs it too "
+                                       "(deselect with -m 'not slow')")
+
+
 @pytest.fixture(scope="session")
 def reference_cases():
     return torch.load(DATA / "reference_tiny.pt", weights_only=True)

@@ -99,7 +99,7 @@ def test_local_rank_both_spellings_through_a_parent_parser(script, argv):
 
 
 def test_launcher_accepts_the_reference_local_rank():
-    _, args = slurm.parse_args(["pretrain", "--job_dir", "/j/%j", "--nodes", "1", "--local-rank=2"], ROOT, environ={})
+    _, args = slurm.parse_args(["pretrain", "--job_dir", "/j/%j", "--nodes", "1", "--local-rank=2"], environ={})
     assert args.local_rank == 2
 
 
@@ -138,7 +138,7 @@ def test_help_shows_reference_wording_and_defaults(script):
 
 def test_launcher_help_shows_the_scripts_groups_and_defaults(capsys):
     with pytest.raises(SystemExit) as exit_:
-        slurm.parse_args(["pretrain", "--help"], ROOT, environ={})
+        slurm.parse_args(["pretrain", "--help"], environ={})
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "launcher (submitit / SLURM):" in text and "U-MAE (uniformity term):" in text

@@ -6,7 +6,7 @@ import torch
 
 import main_finetune
 from umae_plugin import checkpoint as ckpt
-from umae_plugin import classify
+from umae_plugin import classify, finetune
 from umae_plugin.registry import create_model
 
 
@@ -55,7 +55,7 @@ def expected_scale(name, depth, decay):
 
 def test_imagefolder_epoch_with_mixup_layer_decay_groups(tmp_path, folder, pretrained, monkeypatch):
     seen = {}
-    build, train = classify.build_finetune_model, classify.train_one_epoch
+    build, train = finetune.build_finetune_model, classify.train_one_epoch
 
     def spy_build(*a, **kw):
         seen["model"] = build(*a, **kw)
@@ -66,7 +66,7 @@ def test_imagefolder_epoch_with_mixup_layer_decay_groups(tmp_path, folder, pretr
         seen.update(criterion=criterion, optimizer=optimizer, kw=kw)
         return train(model, criterion, loader, optimizer, **kw)
 
-    monkeypatch.setattr(classify, "build_finetune_model", spy_build)
+    monkeypatch.setattr(finetune, "build_finetune_model", spy_build)
     monkeypatch.setattr(classify, "train_one_epoch", spy_train)
     out = tmp_path / "out"
     stats = main_finetune.main(ft_args(out, "--mixup", "0.8", "--cutmix", "1.0", "--clip_grad", "1.0",
@@ -118,14 +118,14 @@ def test_simmim_checkpoint_by_its_pretraining_name(tmp_path, folder, model, monk
     source = create_model("simmim_vit_micro").state_dict()
     torch.save({"model": source, "epoch": 0}, path)
     seen = {}
-    build = classify.build_finetune_model
+    build = finetune.build_finetune_model
 
     def spy(name, *a, **kw):
         model = build(name, *a, **kw)
         seen.update(name=name, init={k: v.clone() for k, v in model.state_dict().items()})
         return model
 
-    monkeypatch.setattr(classify, "build_finetune_model", spy)
+    monkeypatch.setattr(finetune, "build_finetune_model", spy)
     stats = main_finetune.main(ft_args(tmp_path / "out", "--aa", "", "--reprob", "0", model=model,
                                        data_path=folder, finetune=path))
     assert seen["name"] == "vit_micro" and 0 <= stats["acc1"] <= 1
@@ -143,7 +143,7 @@ def test_resume_auto_continues_with_the_saved_optimizer(tmp_path, folder, pretra
     assert {p.name for p in out.glob("checkpoint-*.pth")} == {"checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth"}
 
     model = create_model("vit_micro", num_classes=3, global_pool=True)
-    optimizer = torch.optim.AdamW(classify.param_groups_layer_decay(model, 0.05, 0.75, model.no_weight_decay()))
+    optimizer = torch.optim.AdamW(finetune.param_groups_layer_decay(model, 0.05, 0.75, model.no_weight_decay()))
     assert classify.load_resume_state(saved, model, optimizer) == 1
     loaded = optimizer.state_dict()["state"]
     assert loaded.keys() == saved["optimizer"]["state"].keys() and loaded
@@ -154,7 +154,7 @@ def test_resume_auto_continues_with_the_saved_optimizer(tmp_path, folder, pretra
 
 def test_non_finite_loss_stops_before_the_checkpoint(tmp_path, folder, pretrained, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setattr(classify, "build_criterion", lambda args: lambda logits, target: logits.sum() * float("nan"))
+    monkeypatch.setattr(finetune, "build_criterion", lambda args: lambda logits, target: logits.sum() * float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         main_finetune.main(ft_args(out, data_path=folder, finetune=pretrained))
     assert not list(out.glob("checkpoint-*.pth")) and not (out / "log.txt").exists()
@@ -174,7 +174,7 @@ def test_bad_flags_exit_with_message(tmp_path, flags, message, capsys):
 
 
 def test_missing_data_path_raises_before_the_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(classify, "build_finetune_model", lambda *a, **kw: pytest.fail("model built before the data"))
+    monkeypatch.setattr(finetune, "build_finetune_model", lambda *a, **kw: pytest.fail("model built before the data"))
     with pytest.raises(classify.data.DataError, match="/nonexistent/imagenet"):
         main_finetune.main(ft_args(tmp_path, data_path="/nonexistent/imagenet"))
 

@@ -9,7 +9,7 @@ import torch
 
 import main_linprobe
 from umae_plugin import checkpoint as ckpt
-from umae_plugin import classify, cli, data, linprobe_cached
+from umae_plugin import classify, cli, data, linprobe, linprobe_cached
 from umae_plugin.optim import build_lars
 from umae_plugin.registry import create_model
 
@@ -48,14 +48,14 @@ def log_lines(out):
 def spy_model(monkeypatch):
     """Keep the model `run_linprobe` builds, and a copy of its weights before training."""
     seen = {}
-    build = classify.build_linprobe_model
+    build = linprobe.build_linprobe_model
 
     def spy(*a, **kw):
         model = build(*a, **kw)
         seen.update(model=model, init={k: v.clone() for k, v in model.state_dict().items()})
         return model
 
-    monkeypatch.setattr(classify, "build_linprobe_model", spy)
+    monkeypatch.setattr(linprobe, "build_linprobe_model", spy)
     return seen
 
 
@@ -142,7 +142,7 @@ def test_resume_auto_is_exact(tmp_path, folder, pretrained):
     saved = ckpt.torch_load(part / "checkpoint-0.pth")
     args = probe_args(tmp_path / "x", data_path=folder)
     args.input_size, args.patch_size = 32, 4
-    model = classify.build_linprobe_model("vit_micro", args, None)
+    model = linprobe.build_linprobe_model("vit_micro", args, None)
     optimizer = build_lars(model.head.parameters(), lr=0.1, weight_decay=0.0)
     assert classify.load_resume_state(saved, model, optimizer) == 1
     loaded = optimizer.state_dict()
@@ -273,7 +273,7 @@ def test_cached_probe_reports_both_pools(tmp_path, pretrained, pool, name, other
     state = ckpt.torch_load(out / "checkpoint-last.pth")
     args = probe_args(tmp_path / "x", pool, dataset="digits")
     args.input_size, args.patch_size, args.nb_classes = 32, 4, 10
-    model = classify.build_linprobe_model("vit_micro", args, None)
+    model = linprobe.build_linprobe_model("vit_micro", args, None)
     model.load_state_dict(state["model"], strict=True)
     model.eval()
     assert state["other_pool"]["pool"] == other and state["epoch"] == state["other_pool"]["epoch"] == 2
@@ -293,7 +293,7 @@ def test_cached_probe_reports_both_pools(tmp_path, pretrained, pool, name, other
 
 def test_lr_search_uses_only_the_training_set(tmp_path, pretrained, monkeypatch):
     searched, scored, inside = [], [], [False]
-    search, evaluate = classify.search_lr, linprobe_cached.evaluate_head
+    search, evaluate = linprobe.search_lr, linprobe_cached.evaluate_head
 
     def spy_search(head, feats, labels, **kw):
         searched.append((len(feats), labels.clone(), kw["base_lr"]))
@@ -308,7 +308,7 @@ def test_lr_search_uses_only_the_training_set(tmp_path, pretrained, monkeypatch)
             scored.append(labels.clone())
         return evaluate(head, feats, labels, *a)
 
-    monkeypatch.setattr(classify, "search_lr", spy_search)
+    monkeypatch.setattr(linprobe, "search_lr", spy_search)
     monkeypatch.setattr(linprobe_cached, "evaluate_head", spy_evaluate)
     out = tmp_path / "out"
     stats = main_linprobe.main(cached_args(out, "--lr_search", epochs=2, finetune=pretrained))
@@ -339,7 +339,7 @@ def test_cached_resume_continues_both_heads_with_the_searched_lr(tmp_path, pretr
     def no_search(*a, **kw):
         raise AssertionError("a resumed run searches the lr again")
 
-    monkeypatch.setattr(classify, "search_lr", no_search)
+    monkeypatch.setattr(linprobe, "search_lr", no_search)
     resumed = main_linprobe.main(cached_args(part, "--lr_search", "--resume", "auto", epochs=2, finetune=pretrained))
     a, b = ckpt.torch_load(full / "checkpoint-last.pth"), ckpt.torch_load(part / "checkpoint-last.pth")
     assert a["lr_search"] == b["lr_search"] and b["epoch"] == b["other_pool"]["epoch"] == 1
@@ -357,7 +357,7 @@ def test_lr_search_and_baselines_need_cache_features(tmp_path, flag, capsys):
         main_linprobe.main(probe_args(tmp_path / "a", flag, dataset="digits"))
     assert exc.value.code == 2 and f"{flag} needs --cache_features" in capsys.readouterr().err
     with pytest.raises(classify.ConfigError, match=f"{flag} needs --cache_features"):
-        classify.run_linprobe(probe_args(tmp_path / "b", flag, dataset="digits"))
+        linprobe.run_linprobe(probe_args(tmp_path / "b", flag, dataset="digits"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

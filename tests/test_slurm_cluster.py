@@ -64,8 +64,8 @@ def tiny_pretrain(job_dir, data, *extra, epochs=2, tasks=1):
             "--decoder_depth", "1", "--decoder_num_heads", "4", "--dataset", "imagefolder", "--data_path", str(data),
             "--batch_size", "8", "--epochs", str(epochs), "--warmup_epochs", "1", "--num_workers", "0",
             "--erank_samples", "8", "--print_freq", "100", "--save_freq", "100", *extra]
-    name, args = slurm.parse_args(argv, ROOT)
-    return slurm.submit(name, args, ROOT, argv)
+    name, args = slurm.parse_args(argv)
+    return slurm.submit(name, args, argv=argv)
 
 
 def wait_until(predicate, timeout_s, what, job=None):

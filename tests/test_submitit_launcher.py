@@ -28,7 +28,7 @@ UPSTREAM_FINETUNE = ("--job_dir J --nodes 4 --batch_size 32 --model vit_base_pat
 
 
 def parse(*argv, env=None):
-    return slurm.parse_args(list(argv), ROOT, environ={} if env is None else env)
+    return slurm.parse_args(list(argv), environ={} if env is None else env)
 
 
 @pytest.fixture
@@ -108,11 +108,15 @@ def test_subcommand_is_required(argv, message, capsys):
     assert exc.value.code == 2 and message in captured.err + captured.out
 
 
-def test_missing_script_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.delitem(__import__("sys").modules, "main_linprobe", raising=False)
-    monkeypatch.setattr("sys.path", [str(tmp_path)] + [p for p in __import__("sys").path if "python3" in p])
-    with pytest.raises(slurm.LauncherError, match="main_linprobe.py is not in"):
-        slurm.import_script("linprobe", tmp_path)
+def test_jobs_run_the_package_modules_not_the_checkout_scripts():
+    import umae_plugin.linprobe
+
+    assert slurm.import_script("linprobe") is umae_plugin.linprobe
+    with pytest.raises(slurm.LauncherError, match="unknown script 'nope'"):
+        slurm.import_script("nope")
+    # the pickled job names the package module: it runs where the package is installed, no checkout needed
+    job = pickle.dumps(slurm.ScriptJob("linprobe", argparse.Namespace()))
+    assert b"umae_plugin.slurm" in job and b"main_linprobe" not in job
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +170,7 @@ def test_bad_script_flags_are_refused_before_submission(tmp_path, capsys):
     _, args = parse("pretrain", "--job_dir", str(tmp_path), "--cluster", "debug", "--nodes", "1",
                     "--ngpus", "0", "--mask_ratio", "1.5")
     with pytest.raises(SystemExit):
-        slurm.submit("pretrain", args, ROOT)
+        slurm.submit("pretrain", args)
     assert "--mask_ratio must be in [0, 1)" in capsys.readouterr().err
 
 
@@ -260,7 +264,7 @@ def test_sweep_is_one_array_with_its_logs_in_one_folder(tmp_path, fake_srun):
 
 def test_a_refused_submission_is_reported(tmp_path, fake_srun, capsys):
     argv = ["pretrain", "--job_dir", str(tmp_path), "--ngpus", "0", "--mem_gb", "4096", "--dataset", "digits"]
-    assert slurm.main(argv, ROOT) == 1
+    assert slurm.main(argv) == 1
     err = capsys.readouterr().err
     assert "the scheduler refused the job" in err and "Memory specification can not be satisfied" in err
 
@@ -278,7 +282,7 @@ def test_requeue_resumes_from_the_output_folder(tmp_path, monkeypatch):
     _, args = parse("pretrain", "--job_dir", str(tmp_path / "%j"), "--nodes", "1", "--ngpus", "0",
                     "--resume", str(tmp_path / "pretrained.pth"))
     [(_, ns)] = slurm.job_arguments(args)
-    job = slurm.ScriptJob("pretrain", ns, str(ROOT), 1)
+    job = slurm.ScriptJob("pretrain", ns, 1)
     assert job.resolved_args().output_dir == str(tmp_path / "42")
 
     # No checkpoint of its own yet: the requeued job starts again from the user's file.
@@ -301,7 +305,7 @@ def test_debug_cluster_runs_the_script_in_process(tmp_path, capsys):
             "--cpus_per_task", "1", "--model", "mae_vit_micro", "--dataset", "digits", "--input_size", "32",
             "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "256", "--num_workers", "0",
             "--print_freq", "5", "--erank_samples", "20"]
-    assert slurm.main(argv, ROOT) == 0
+    assert slurm.main(argv) == 0
     out = capsys.readouterr().out
     assert "Submitted pretrain as job to debug" in out and "done" in out
     lines = [json.loads(line) for line in (job_dir / "log.txt").read_text().splitlines()]
@@ -313,7 +317,7 @@ def test_debug_cluster_runs_the_script_in_process(tmp_path, capsys):
     assert record["executor"]["tasks_per_node"] == 1 and "gpus_per_node" not in record["executor"]
 
     # The same command again continues from the folder (resume auto): nothing left to train.
-    assert slurm.main(argv, ROOT) == 0
+    assert slurm.main(argv) == 0
     assert len((job_dir / "log.txt").read_text().splitlines()) == 2
     assert len((job_dir / slurm.RECORD).read_text().splitlines()) == 2
 
@@ -338,7 +342,7 @@ def test_requeue_exit_is_not_turned_into_a_failure(tmp_path, monkeypatch, in_a_s
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
 
     monkeypatch.setattr(slurm, "import_script", lambda *a: Script)
-    job = slurm.ScriptJob("pretrain", argparse.Namespace(output_dir=str(tmp_path / "%j")), str(ROOT))
+    job = slurm.ScriptJob("pretrain", argparse.Namespace(output_dir=str(tmp_path / "%j")))
     with pytest.raises(SystemExit):
         job()
 
@@ -355,7 +359,7 @@ def test_job_exports_the_distributed_environment(tmp_path, monkeypatch, in_a_slu
     monkeypatch.setattr(slurm, "import_script", lambda *a: Script)
     ns = argparse.Namespace(output_dir=str(tmp_path / "%j"), log_dir=str(tmp_path / "%j" / "tb"), world_size=1)
     with pytest.raises(ValueError, match="a real error"):  # errors stay errors
-        slurm.ScriptJob("pretrain", ns, str(ROOT))()
+        slurm.ScriptJob("pretrain", ns)()
     assert (seen["RANK"], seen["WORLD_SIZE"], seen["LOCAL_RANK"], seen["MASTER_PORT"]) == ("0", "1", "0", "29512")
     assert seen["args"].output_dir == str(tmp_path / "7") and seen["args"].log_dir == str(tmp_path / "7" / "tb")
     assert ns.output_dir == str(tmp_path / "%j")  # the job's own copy keeps %j for a requeue

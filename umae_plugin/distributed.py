@@ -148,9 +148,11 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if get_world_size() == 1:
         return x
-    from torch.distributed._functional_collectives import all_gather_single_autograd
+    from torch.distributed import _functional_collectives as funcol
 
-    return all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
+    # torch 2.13 renamed 2.4's all_gather_tensor_autograd (same signature and gradient)
+    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    return gather(x.contiguous(), 0, dist.group.WORLD)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,20 @@
 """MAE vs U-MAE on the embedded `digits` data, end to end on a CPU in a few minutes.
 
     python -m umae_plugin.quickstart [--output_dir quickstart] [--epochs 20]
+    umae-quickstart [--output_dir quickstart] [--epochs 20]        (the same, installed)
 
 Pre-trains a small ViT (128-d, 4 blocks, 32 px, patch 4, 64-d 1-block decoder) twice with the
 same seed and budget, once as MAE (lambda 0) and once as U-MAE (lambda 0.01), through
-`main_pretrain.main`; then probes both on cached features (linear head with LARS, and k-NN), and
-prints a side-by-side table. Writes both models' normalised singular-value spectra (paper
-Fig. 1b) to `<output_dir>/spectra.png` and the table to `<output_dir>/summary.{md,json}`.
+`umae_plugin.pretrain.main` (what `main_pretrain.py` runs); then probes both on cached features
+(linear head with LARS, and k-NN), and prints a side-by-side table. Writes both models' normalised
+singular-value spectra (paper Fig. 1b) to `<output_dir>/spectra.png` and the table to
+`<output_dir>/summary.{md,json}`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from .baselines import raw_pixel_baselines
 from .linprobe_cached import extract_features, knn_votes, train_linear_head
 from .metrics import effective_rank, singular_spectrum
 from .pretrain import build_pretrain_model, model_overrides
+from .pretrain import get_args_parser as pretrain_parser
+from .pretrain import main as pretrain_main
 from .runtime import resolve_device
 
 SMALL_VIT = ["--model", "mae_vit_tiny_patch16", "--embed_dim", "128", "--depth", "4", "--num_heads", "4",
@@ -49,9 +52,6 @@ def get_args() -> argparse.Namespace:
 
 
 def pretrain(out: Path, lambda_unif: float, args: argparse.Namespace) -> tuple[dict, float]:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import main_pretrain
-
     argv = SMALL_VIT + [
         "--lambda_unif", str(lambda_unif), "--epochs", str(args.epochs), "--warmup_epochs", "3",
         "--batch_size", "64", "--blr", "1e-3", "--weight_decay", "0.05", "--device", args.device,
@@ -59,7 +59,7 @@ def pretrain(out: Path, lambda_unif: float, args: argparse.Namespace) -> tuple[d
         "--print_freq", "1000", "--save_freq", "1000", "--online_probe", "--resume", "auto",
     ]
     start = time.time()
-    stats = main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+    stats = pretrain_main(pretrain_parser().parse_args(argv))
     return stats, time.time() - start
 
 
@@ -183,5 +183,10 @@ def main() -> None:
     print(f"\nspectra: {out / 'spectra.png'}")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """`umae-quickstart` and `python -m umae_plugin.quickstart`."""
     exit_on_error(main)  # a UserError (DeviceError, DataError, ...) or OSError: one line `error: ...`
+
+
+if __name__ == "__main__":
+    entry()

@@ -3,11 +3,13 @@ runs.
 
     python submitit_launcher.py {pretrain,linprobe,finetune} [launcher flags] [the script's flags]
 
-The script's flags are those of `main_<script>.get_args_parser()`, reused as a parent parser; the
-script module is imported only for the subcommand asked for. Inside the job, `ScriptJob` exports
-submitit's view of the allocation as torch's `RANK` / `WORLD_SIZE` / `LOCAL_RANK` / `MASTER_ADDR`
-/ `MASTER_PORT` (one task per GPU; `umae_plugin.distributed` then picks NCCL on GPUs, gloo on
-CPUs) and calls the script's `main(args)`.
+Installed, the same command is `umae-submit {pretrain,linprobe,finetune} ...`. The script's flags
+are those of `umae_plugin.<script>.get_args_parser()` (what `main_<script>.py` runs), reused as a
+parent parser; the module is imported only for the subcommand asked for. Inside the job,
+`ScriptJob` exports submitit's view of the allocation as torch's `RANK` / `WORLD_SIZE` /
+`LOCAL_RANK` / `MASTER_ADDR` / `MASTER_PORT` (one task per GPU; `umae_plugin.distributed` then
+picks NCCL on GPUs, gloo on CPUs) and calls the module's `main(args)`. The pickled job names the
+package module, so it runs wherever the package is installed, checkout or not.
 
 Folders. The job folder is `--job_dir`, else `$UMAE_JOB_DIR/%j` (a base folder shared by many runs,
 so each run gets its own sub-folder); `%j` becomes the job id. The script's `--output_dir` and
@@ -46,7 +48,6 @@ CLUSTERS = ("slurm", "local", "debug")
 SIGNAL_DELAY_S = 120  # USR2 this long before the time limit: time to finish the step and requeue
 MAX_NUM_TIMEOUT = 30  # requeues after a timeout (preemptions do not count): 800 epochs in 3-day slices
 RECORD = "submissions.jsonl"  # the launcher's record, one line per submission, in each output folder
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class LauncherError(UserError, RuntimeError):
@@ -102,25 +103,17 @@ def top_parser() -> argparse.ArgumentParser:
     )
 
 
-def import_script(name: str, script_dir: str | os.PathLike | None = None):
-    """Import `main_<name>` (the repository's top-level script), from `script_dir` if given."""
+def import_script(name: str):
+    """The package module of script `name`: `umae_plugin.pretrain`, `.linprobe` or `.finetune`
+    (`get_args_parser`, `check_args`, `main`; `main_<name>.py` re-exports them)."""
     if name not in SCRIPTS:
         raise LauncherError(f"unknown script {name!r}; choose from {', '.join(SCRIPTS)}")
-    folder = str(Path(script_dir or REPO_ROOT).resolve())
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    module = f"main_{name}"
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name != module:
-            raise
-        raise LauncherError(f"{module}.py is not in {folder}: '{name}' is not available in this checkout") from err
+    return importlib.import_module(f"{__package__}.{name}")
 
 
-def build_parser(name: str, script_dir: str | os.PathLike | None = None) -> argparse.ArgumentParser:
+def build_parser(name: str) -> argparse.ArgumentParser:
     """The launcher's flags plus the script's, for one subcommand."""
-    script = import_script(name, script_dir)
+    script = import_script(name)
     try:
         parser = argparse.ArgumentParser(
             prog=f"submitit_launcher.py {name}",
@@ -142,8 +135,7 @@ def has_dest(parser: argparse.ArgumentParser, dest: str) -> bool:
     return any(a.dest == dest for a in parser._actions)
 
 
-def parse_args(argv: Sequence[str], script_dir: str | os.PathLike | None = None,
-               environ: dict[str, str] | None = None) -> tuple[str, argparse.Namespace]:
+def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> tuple[str, argparse.Namespace]:
     """`[script, launcher and script flags...]` -> (script, checked arguments). Bad values exit with
     argparse's usage message (status 2), as a script's own parser would."""
     argv = list(argv)
@@ -154,7 +146,7 @@ def parse_args(argv: Sequence[str], script_dir: str | os.PathLike | None = None,
         top_parser().error(f"the first argument names the script: one of {', '.join(SCRIPTS)} (got {argv[0]!r})")
     name = argv[0]
     try:
-        parser = build_parser(name, script_dir)
+        parser = build_parser(name)
     except LauncherError as err:
         top_parser().error(str(err))
     args = parser.parse_args(argv[1:])
@@ -342,12 +334,11 @@ def expand_job_id(path: str | None, job_id: str) -> str | None:
 
 @dataclasses.dataclass
 class ScriptJob:
-    """The picklable callable submitit runs in every task: `main_<script>.main(args)` under torch's
-    distributed environment. `checkpoint()` is submitit's requeue hook (preemption, timeout)."""
+    """The picklable callable submitit runs in every task: `umae_plugin.<script>.main(args)` under
+    torch's distributed environment. `checkpoint()` is submitit's requeue hook (preemption, timeout)."""
 
     script: str
     args: argparse.Namespace
-    script_dir: str
     cpus_per_task: int = 1
 
     def __call__(self) -> Any:
@@ -371,7 +362,7 @@ class ScriptJob:
               f"of world size {dist_env.world_size} (local rank {dist_env.local_rank}) on {socket.gethostname()}, "
               f"master {dist_env.master_addr}:{dist_env.master_port}, output_dir "
               f"{getattr(args, 'output_dir', None)}, resume {getattr(args, 'resume', None)!r}", flush=True)
-        script = import_script(self.script, self.script_dir)
+        script = import_script(self.script)
         try:
             return script.main(args)
         except Exception as err:
@@ -495,18 +486,16 @@ def executor_folder(args: argparse.Namespace, n_jobs: int) -> str:
     return args.job_dir
 
 
-def submit(script: str, args: argparse.Namespace, script_dir: str | os.PathLike | None = None,
+def submit(script: str, args: argparse.Namespace,
            argv: Sequence[str] | None = None) -> list[tuple[Any, str, argparse.Namespace]]:
     """Submit one job (or one array for a sweep); returns (submitit Job, sweep point, script
     arguments) per job."""
-    module = import_script(script, script_dir)
+    module = import_script(script)
     points = job_arguments(args)
-    if hasattr(module, "check_args"):  # refuse bad script flags here, not after the queue
-        for _, ns in points:
-            module.check_args(module.get_args_parser(), copy.deepcopy(ns))
-    script_dir = str(Path(module.__file__).resolve().parent)
+    for _, ns in points:  # refuse bad script flags here, not after the queue
+        module.check_args(module.get_args_parser(), copy.deepcopy(ns))
     executor = make_executor(args, executor_folder(args, len(points)))
-    fns = [ScriptJob(script, ns, script_dir, args.cpus_per_task) for _, ns in points]
+    fns = [ScriptJob(script, ns, args.cpus_per_task) for _, ns in points]
     jobs = executor.submit_array(fns) if len(fns) > 1 else [executor.submit(fns[0])]
     for job, (name, ns) in zip(jobs, points):
         write_record(job, name, ns, args, script, argv)
@@ -549,20 +538,25 @@ def describe(job, ns: argparse.Namespace, point: str, cluster: str) -> str:
     return f"job {job.job_id}{where}: output {out}, log {job.paths.stdout}"
 
 
-def main(argv: Sequence[str], script_dir: str | os.PathLike | None = None) -> int:
-    """`submitit_launcher.py`: the exit status (0 submitted, or with --wait all jobs done; 1 a job
-    failed or the scheduler refused). A user error (a `LauncherError`, a script's `UserError`, an
+def main(argv: Sequence[str]) -> int:
+    """`submitit_launcher.py` / `umae-submit`: the exit status (0 submitted, or with --wait all jobs
+    done; 1 a job failed or the scheduler refused). A user error (a `LauncherError`, a script's `UserError`, an
     `OSError` writing the record) prints one line `error: ...` and exits with its status
     (`errors.one_line_errors`); bad flags exit with argparse's usage message (status 2)."""
     with one_line_errors():
-        return _main(argv, script_dir)
+        return _main(argv)
 
 
-def _main(argv: Sequence[str], script_dir: str | os.PathLike | None) -> int:
+def entry() -> None:
+    """`umae-submit`: `main(sys.argv[1:])` as the exit status."""
+    sys.exit(main(sys.argv[1:]))
+
+
+def _main(argv: Sequence[str]) -> int:
     import submitit
 
     argv = list(argv)
-    script, args = parse_args(argv, script_dir)
+    script, args = parse_args(argv)
     try:
         if args.dry_run:
             points = job_arguments(args)
@@ -571,7 +565,7 @@ def _main(argv: Sequence[str], script_dir: str | os.PathLike | None) -> int:
             for name, ns in points:
                 print(f"# {name or 'job'}: {json.dumps(vars(ns), sort_keys=True, default=str)}")
             return 0
-        submitted = submit(script, args, script_dir, argv)
+        submitted = submit(script, args, argv)
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as err:
         print(f"error: the scheduler refused the job ({args.cluster}):\n{err}", file=sys.stderr)
         return 1
