@@ -16,6 +16,7 @@ each training run logged in its `log.txt` (JSON lines with `epoch`) for the `--p
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import logging
 from pathlib import Path
@@ -95,18 +96,18 @@ def plot_spectra(results: Sequence[dict[str, Any]], path: str | Path, title: str
     return report.save_figure(fig, path)
 
 
-def plot_erank_curves(curves: Sequence[dict[str, Any]], path: str | Path) -> Path:
+def plot_erank_curves(curves: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     fig = report.new_figure(640, 480)
     ax = fig.add_subplot(1, 1, 1)
     for c in curves:
         ax.plot(c["epochs"], c["effective_rank"], marker="o" if len(c["epochs"]) < 30 else None,
                 markersize=3, label=c["label"])
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch (counted from 0; measured at its end)")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_ylabel("effective rank")
-    ax.set_title("effective rank over training (logged)")
+    ax.set_title(textwrap.fill(title or "effective rank over training (logged)", 80), fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -177,7 +178,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if not epochs:
                 log.warning("%s: no %s in %s", label, key, Path(run) / "log.txt")
             curves.append({"label": label, "run": str(run), "epochs": epochs, "effective_rank": eranks})
-        plot_erank_curves(curves, out / "erank_over_epochs.png")
+        runs = ", ".join(f"{c['label']}: {Path(c['run']).resolve().name}" for c in curves)
+        plot_erank_curves(curves, out / "erank_over_epochs.png",
+                          f"{key} of the val images each run logged (runs {runs})")
         rows = [{"label": c["label"], "epoch": e, "effective_rank": r}
                 for c in curves for e, r in zip(c["epochs"], c["effective_rank"])]
         report.write_csv(out / "erank_over_epochs.csv", rows, ["label", "epoch", "effective_rank"])
