@@ -16,8 +16,8 @@ each training run logged in its `log.txt` (JSON lines with `epoch`) for the `--p
 from __future__ import annotations
 
 import argparse
-import textwrap
 import json
+import textwrap
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -94,6 +94,20 @@ def plot_spectra(results: Sequence[dict[str, Any]], path: str | Path, title: str
     ax.legend()
     fig.tight_layout()
     return report.save_figure(fig, path)
+
+
+def _logged_data(runs: Sequence[str]) -> list[str]:
+    """The data each run measured its ranks on, from its `args.json` ("cifar10 val"), without repeats."""
+    names = []
+    for run in runs:
+        try:
+            a = json.loads((Path(run) / "args.json").read_text())
+            name = F.data_name(a.get("dataset", "imagefolder"), a.get("data_path"), "val")
+        except (OSError, ValueError, AttributeError):
+            name = "the val images"
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def plot_erank_curves(curves: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -180,7 +194,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             curves.append({"label": label, "run": str(run), "epochs": epochs, "effective_rank": eranks})
         runs = ", ".join(f"{c['label']}: {Path(c['run']).resolve().name}" for c in curves)
         plot_erank_curves(curves, out / "erank_over_epochs.png",
-                          f"{key} of the val images each run logged (runs {runs})")
+                          f"{key} of {' / '.join(_logged_data(args.runs))} as each run logged (runs {runs})")
         rows = [{"label": c["label"], "epoch": e, "effective_rank": r}
                 for c in curves for e, r in zip(c["epochs"], c["effective_rank"])]
         report.write_csv(out / "erank_over_epochs.csv", rows, ["label", "epoch", "effective_rank"])
