@@ -119,6 +119,22 @@ def test_collapse_cli_on_micro_checkpoints(tmp_path):
     assert csv[0] == "label,epoch,effective_rank" and csv[1:] == ["run,0,2.0", "run,1,3.0", "run,2,4.0"]
 
 
+def test_random_init_baseline_is_the_first_architecture_freshly_seeded(tmp_path):
+    micro_checkpoint(tmp_path / "a.pth", embed_dim=48)
+    out = tmp_path / "out"
+    cli(["collapse", "--checkpoints", str(tmp_path / "a.pth"), "--labels", "MAE", "--random_init", "--seed", "3",
+         "--dataset", "digits", "--num_samples", "40", "--device", "cpu", "--output_dir", str(out)])
+    entries = json.loads((out / "collapse.json").read_text())["checkpoints"]
+    assert [e["label"] for e in entries] == ["MAE", "random init (seed 3)"]
+    # Second computation: the same factory and sizes, seeded, not trained, on the same images.
+    torch.manual_seed(3)
+    fresh = MaskedAutoencoderViT(**{**MICRO, "embed_dim": 48}).eval()
+    ds = features.build_eval_dataset("digits", None, "val", 32)
+    feats, _ = features.extract_features(fresh, ds, features.random_indices(len(ds), 40, 3))
+    assert abs(entries[1]["effective_rank"] - metrics.effective_rank(feats)) < 1e-4
+    assert abs(entries[1]["effective_rank"] - entries[0]["effective_rank"]) > 1e-3  # not the trained weights
+
+
 def test_classifier_and_unknown_name_fall_back_to_shapes(tmp_path, caplog):
     x = torch.randn(2, 3, 32, 32)
     clf = VisionTransformerClassifier(global_pool=True, img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=1,

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .. import metrics
+from .. import checkpoint, metrics
 from . import features as F
 from . import report
 
@@ -140,6 +140,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="one label per checkpoint (or per run when only --runs is given)")
     parser.add_argument("--run_labels", nargs="*", default=None, help="labels of --runs (default: folder names)")
     parser.add_argument("--num_samples", default=100, type=int, help="images for the effective rank (paper: 100; 0: all)")
+    parser.add_argument("--random_init", action="store_true",
+                        help="add the first checkpoint's architecture freshly initialised (seeded by --seed) as a "
+                             "baseline curve, as the paper's Fig. 1b")
     F.add_data_args(parser)
     F.add_model_args(parser)
     F.add_runtime_args(parser, "analysis_out/collapse")
@@ -175,6 +178,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             log.info("%s: effective rank %.2f of %d features (dim %d)", label, stats["effective_rank"],
                      stats["num_samples"], stats["feature_dim"])
             entries.append({"label": label, "checkpoint": str(path), "model": lm.name, **stats})
+            if args.random_init and len(entries) == 1:
+                baseline = (lm, ds)
+        if args.random_init:
+            lm, ds = baseline
+            record = {**lm.model_args, "kwargs": {**lm.model_args["kwargs"], "img_size": lm.input_size}}
+            torch.manual_seed(args.seed)
+            model = checkpoint.build_model(record).to(device).eval()
+            feats, _ = F.extract_features(model, ds, indices, device=device, batch_size=args.batch_size,
+                                          num_workers=args.num_workers, pool=args.pool)
+            stats = collapse_stats(feats)
+            label = f"random init (seed {args.seed})"
+            log.info("%s: effective rank %.2f", label, stats["effective_rank"])
+            entries.append({"label": label, "checkpoint": "", "model": lm.name, **stats})
         plot_spectra(entries, out / "spectra.png",
                      f"{F.data_name(args.dataset, args.data_path, args.split)}, {entries[0]['num_samples']} images (seed {args.seed})")
         report.write_csv(out / "collapse.csv", entries, ["label", "effective_rank", "num_samples", "feature_dim", "checkpoint"])
