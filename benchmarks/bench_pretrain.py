@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from umae_plugin.errors import exit_on_error
 from umae_plugin.optim import param_groups_weight_decay
-from umae_plugin.pretrain import build_pretrain_model
+from umae_plugin.registry import build_pretrain_model
 from umae_plugin.registry import classifier_arch, pretrain_name
 from umae_plugin.runtime import AMP_DTYPES, Runtime, resolve_amp, resolve_device
 

@@ -346,7 +346,7 @@ def gpu_augment(images: torch.Tensor, generator: torch.Generator, size: int,
 
 
 def build_model(st: Setting, arm: str) -> nn.Module:
-    """The arm's model from the registry: plain MAE for lambda 0 (as `pretrain.build_pretrain_model`),
+    """The arm's model from the registry: plain MAE for lambda 0 (as `registry.build_pretrain_model`),
     U-MAE with its pool otherwise."""
     lambda_unif, pool = ARMS[arm]
     kwargs = dict(img_size=st.img_size, patch_size=st.patch_size, embed_dim=st.embed_dim, depth=st.depth,

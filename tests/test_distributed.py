@@ -170,3 +170,8 @@ def test_upstream_launch_paths_form_a_real_group(path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
     assert sorted(out.split() for out, _ in outs) == [["0", "2", "0", "1"], ["1", "2", "1", "1"]]
+
+
+def test_wrap_ddp_in_one_process_is_the_model_itself():
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap_ddp(model, torch.device("cpu")) is model

@@ -150,8 +150,10 @@ def test_usage_errors_exit_2_and_runtime_errors_exit_1(tmp_path):
     that is no multiple of the --finetune checkpoint's patch size) finds it; a file that cannot be
     read exits with 1."""
     source = tmp_path / "source.pth"
-    torch.save({"model": {"patch_embed.proj.weight": torch.zeros(8, 3, 4, 4), "cls_token": torch.zeros(1, 1, 8),
-                          "pos_embed": torch.zeros(1, 65, 8)}}, source)
+    from umae_plugin.registry import create_model
+
+    # A whole encoder: the run reads the patch size off the checkpoint's model (`checkpoint_model_args`).
+    torch.save({"model": create_model("mae_vit_micro").state_dict()}, source)
     out = ["--output_dir", tmp_path / "out", "--log_dir", tmp_path / "out"]
     argparse_usage, run_usage, runtime_error = run_all(
         [*PRETRAIN, *COMMON, *out, "--mask_ratio", "1.5"],

@@ -184,14 +184,24 @@ def test_parser_defaults_match_upstream():
     assert main_linprobe.get_args_parser().parse_args(["--cls_token"]).global_pool is False
 
 
-def test_checkpoint_geometry_prefers_saved_args_then_weights():
+def test_checkpoint_geometry_comes_from_the_weights():
+    """The probe's input and patch size (`classify.prologue`) are the checkpoint's model's
+    (`checkpoint.checkpoint_model_args`). Saved args that disagree with the weights do not win: the
+    position embedding holds 8 x 8 + 1 tokens and the kernel is 4 px, so this encoder was trained on
+    32-px images whatever `input_size` says; a 64-px grid would need 16 x 16 positions."""
     import argparse
 
     state = create_model("mae_vit_micro").state_dict()  # 32 px, patch 4: 8 x 8 grid + class token
-    assert classify.checkpoint_geometry({"model": state}) == (32, 4)
-    assert classify.checkpoint_geometry({"model": state, "args": argparse.Namespace(input_size=64)}) == (64, 4)
-    assert classify.checkpoint_geometry({"model": state, "args": {"input_size": 48, "patch_size": 8}}) == (48, 8)
-    assert classify.checkpoint_geometry({"args": argparse.Namespace(input_size=None)}) == (None, None)
+
+    def geometry(source):
+        kwargs = ckpt.checkpoint_model_args(source)["kwargs"]
+        return kwargs["img_size"], kwargs["patch_size"]
+
+    assert geometry({"model": state}) == (32, 4)
+    assert geometry({"model": state, "args": argparse.Namespace(input_size=64)}) == (32, 4)
+    assert geometry({"model": state, "args": {"input_size": 48, "patch_size": 8}}) == (32, 4)
+    with pytest.raises(ckpt.CheckpointMismatchError):
+        geometry({"args": argparse.Namespace(input_size=None)})  # no weights: nothing to read
 
 
 def test_model_names():

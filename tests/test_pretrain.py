@@ -13,7 +13,7 @@ import main_pretrain
 from umae_plugin.checkpoint import CheckpointMismatchError
 from umae_plugin.data import make_synthetic_imagefolder
 from umae_plugin.errors import UsageError
-from umae_plugin.pretrain import build_pretrain_model
+from umae_plugin.registry import build_pretrain_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "4", "--embed_dim", "32",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from umae_plugin import classify, models_mae, models_simmim, models_umae
-from umae_plugin.pretrain import build_pretrain_model, default_lambda, default_mask_ratio
+from umae_plugin.registry import build_pretrain_model, default_lambda, default_mask_ratio
 from umae_plugin.registry import ModelName, classifier_arch, list_models, parse_model_name, pretrain_name
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -158,3 +158,14 @@ def test_script_fails_and_writes_nothing(tmp_path, script):
                "--output_dir", str(out), "--log_dir", str(out))
     assert_device_error(proc)
     assert_nothing_written(out)
+
+
+def test_grad_scaler_is_on_for_fp16_only_and_a_pass_through_otherwise():
+    from umae_plugin.runtime import Runtime
+
+    assert Runtime(torch.device("cpu"), torch.float16, 0, 1).grad_scaler().is_enabled()
+    for dtype in (None, torch.bfloat16):
+        scaler = Runtime(torch.device("cpu"), dtype, 0, 1).grad_scaler()
+        assert not scaler.is_enabled() and scaler.state_dict() == {}
+        loss = torch.tensor(3.0)
+        assert scaler.scale(loss) is loss

@@ -33,7 +33,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 from . import registry
-from .errors import UserError, one_line
+from .errors import UsageError, UserError, one_line
 from .models_mae import ARCHS
 
 log = logging.getLogger("umae.checkpoint")
@@ -541,7 +541,7 @@ def _weights_kind(state: Mapping[str, torch.Tensor]) -> str:
 
 def _uniformity(saved: Mapping[str, Any], named_u: bool) -> float:
     """The uniformity weight the run used: its `lambda_unif`, else the default for its name
-    (`pretrain.default_lambda`: 0.01 for `umae_*` / `usimmim_*`, else 0)."""
+    (`registry.default_lambda`: 0.01 for `umae_*` / `usimmim_*`, else 0)."""
     value = saved.get("lambda_unif")
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.01 * named_u
 
@@ -649,6 +649,129 @@ def _inferred_record(kind: str, name: str, state: Mapping[str, torch.Tensor], sa
     if problems:
         raise CheckpointMismatchError(f"the weights do not fit {name}: {problems}")
     return model_args(name, kwargs, head)
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming: the flags against the checkpoint's model, then the training state
+
+
+def at_parser_default(parser: argparse.ArgumentParser, args: argparse.Namespace, dest: str) -> bool:
+    """Whether flag `dest` was left at its parser default: the default object itself, or a value of
+    the same type that equals it (so `cli.DefaultMaskRatio`, the marker of an absent `--mask_ratio`,
+    is told from a `--mask_ratio 0.75` given on the command line)."""
+    default, value = parser.get_default(dest), getattr(args, dest, None)
+    return value is default or (type(value) is type(default) and value == default)
+
+
+def reconcile_resume_flags(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    resume: str | os.PathLike,
+    architecture: Mapping[str, Any],
+    losses: Mapping[str, Any] | None = None,
+    *,
+    same: Mapping[str, Any] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> None:
+    """On `--resume`, the flags against the checkpoint's values (dest -> value; None: unknown, not
+    compared). `architecture`: flags that change the state dict or the patch grid; `losses`: loss
+    settings. A flag left at its parser default takes the checkpoint's value; an architecture flag
+    given with another value is a `UsageError` naming the flag and both values (exit 2); a loss
+    setting given with another value is kept, with a warning. `same`: dest -> equality for values
+    that compare otherwise than with `==` (model names); `flags`: dest -> the flag's name, or
+    (name when true, name when false) for a boolean pair such as `--global_pool` / `--cls_token`."""
+    same, flags = same or {}, flags or {}
+    for dest, theirs in {**architecture, **(losses or {})}.items():
+        if theirs is None:
+            continue
+        ours = getattr(args, dest, None)
+        if at_parser_default(parser, args, dest):
+            if ours != theirs:
+                log.info("--resume: %s %s from the checkpoint", dest, theirs)
+            setattr(args, dest, theirs)
+            continue
+        if same.get(dest, lambda a, b: a == b)(ours, theirs):
+            continue
+        flag = flags.get(dest, f"--{dest}")
+        if isinstance(flag, tuple):
+            flag = f"{flag[0] if ours else flag[1]} ({dest} {ours})"
+        else:
+            flag = f"{flag} {ours}"
+        if dest in architecture:
+            raise UsageError(f"--resume {resume}: {flag} contradicts the checkpoint's {dest} {theirs}; "
+                             "drop the flag to take the checkpoint's value, or start a new run")
+        log.warning("--resume %s: %s differs from the checkpoint's %s %s; training goes on with the flag's value",
+                    resume, flag, dest, theirs)
+
+
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    *,
+    args: argparse.Namespace | Mapping[str, Any],
+    model_args: Mapping[str, Any],
+    scaler: torch.amp.GradScaler | None = None,
+    device: torch.device | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """An epoch's checkpoint, for every script: `model`, `optimizer`, `epoch`, `scaler` (None when
+    fp16 scaling is off), `args` (`plain_args`), "model_args" (the record `model` was built from),
+    with `device` `rng` (rank 0's random state, `runtime.get_rng_state`), and the script's `extra`
+    keys. Plain values and tensors only: `torch.load(weights_only=True)` reads it."""
+    from .runtime import get_rng_state
+
+    state: dict[str, Any] = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": int(epoch),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "args": plain_args(args), MODEL_ARGS_KEY: _checked_record(model_args),
+    }
+    if device is not None:
+        state["rng"] = get_rng_state(device)
+    state.update(extra)
+    return state
+
+
+def restore_training_state(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    *,
+    seed: int,
+    origin: str = "--resume",
+) -> int | None:
+    """Restore what `training_state` saved (older files too: a Namespace `args`, no or a None
+    `scaler`, no `rng`): the model always (strict); with `optimizer` also the optimizer, the fp16
+    scaler when it is on and was saved, and the random state (`restore_rng`). Returns the epoch to
+    start at (saved epoch + 1), or None when only the model was restored (no `optimizer`, or a
+    file without one). A file that does not fit is a `UserError` naming `origin`."""
+    try:
+        model.load_state_dict(state["model"], strict=True)
+        if optimizer is None or "optimizer" not in state or "epoch" not in state:
+            return None
+        optimizer.load_state_dict(state["optimizer"])
+        epoch = int(state["epoch"])
+        if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as err:
+        raise UserError(f"{origin}: not a checkpoint of this run's model and optimizer "
+                        f"({type(err).__name__}: {first_line(err)})") from err
+    restore_rng(state.get("rng"), seed, epoch)
+    return epoch + 1
+
+
+def restore_rng(rng: Mapping[str, Any] | None, seed: int, epoch: int) -> None:
+    """The random state after a resume from the end of `epoch`: one process continues the saved
+    stream (`runtime.set_rng_state`); with several, only rank 0's state was saved, so every rank
+    gets its own stream again, seeded from (`seed`, rank, epoch)."""
+    from . import distributed
+    from .runtime import set_rng_state
+
+    if distributed.get_world_size() == 1:
+        set_rng_state(rng)
+    else:
+        torch.manual_seed(seed + distributed.get_rank() + 100_003 * (epoch + 1))
 
 
 class CheckpointWriteError(UserError):

@@ -13,23 +13,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from . import checkpoint as ckpt
 from . import data, distributed, run_folder
 from .engine_classify import evaluate, train_one_epoch
-from .errors import UsageError, UserError
+from .errors import UsageError
 from .logger import RunLog
-from .registry import create_model, list_models, parse_model_name
-from .runtime import Runtime, get_rng_state, record_args, set_rng_state, setup_runtime
+from .registry import create_model, list_models, parse_model_name, resolved_kwargs
+from .runtime import Runtime, record_args, setup_runtime
 
 log = logging.getLogger("umae")
 
@@ -111,45 +109,6 @@ def mixup_active(args: argparse.Namespace) -> bool:
 ENCODER_OVERRIDES = ("embed_dim", "depth", "num_heads")
 
 
-def _saved_args(source: Mapping[str, Any]) -> Mapping[str, Any]:
-    saved = source.get("args") if isinstance(source, Mapping) else None
-    return vars(saved) if isinstance(saved, argparse.Namespace) else saved if isinstance(saved, Mapping) else {}
-
-
-def _positive_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def checkpoint_geometry(source: Mapping[str, Any]) -> tuple[int | None, int | None]:
-    """(input size, patch size) a checkpoint was trained at: from its saved `args` when they hold
-    `input_size` / `patch_size`, else from the weights (patch: the patch-embedding kernel; input:
-    sqrt(position-embedding tokens - 1) * patch). None where neither says."""
-    saved = _saved_args(source)
-    input_size, patch_size = _positive_int(saved.get("input_size")), _positive_int(saved.get("patch_size"))
-    if input_size is None or patch_size is None:
-        try:
-            state = ckpt.extract_state_dict(source)
-        except ValueError:
-            return input_size, patch_size
-        kernel = state.get("patch_embed.proj.weight")
-        table = state.get("pos_embed")
-        weight_patch = int(kernel.shape[-1]) if kernel is not None else None
-        patch_size = patch_size or weight_patch
-        if input_size is None and table is not None and weight_patch:
-            side = math.isqrt(table.shape[1] - 1)
-            if side * side == table.shape[1] - 1:
-                input_size = side * weight_patch
-    return input_size, patch_size
-
-
-def checkpoint_encoder_overrides(source: Mapping[str, Any]) -> dict[str, int]:
-    """The encoder overrides (`embed_dim`, `depth`, `num_heads`) a checkpoint's saved `args`
-    record (`main_pretrain.py --embed_dim ...`, and these scripts' own checkpoints); {} for
-    released checkpoints, whose architecture is the one `--model` names."""
-    saved = _saved_args(source)
-    return {k: saved[k] for k in ENCODER_OVERRIDES if _positive_int(saved.get(k)) is not None}
-
-
 def resume_path(resume: str, output_dir: str | None) -> Path | None:
     """`checkpoint.resolve_resume`, with a missing file reported as a configuration error."""
     try:
@@ -163,23 +122,13 @@ def load_resume_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    seed: int = 0,
 ) -> int | None:
-    """Restore a checkpoint written by these runs: the model always (strict); with `optimizer`
-    (training, not `--eval`) also the optimizer, scaler and random state. Returns the epoch to
-    start at (saved epoch + 1), or None when only the model was restored."""
-    try:
-        model.load_state_dict(state["model"], strict=True)
-    except (KeyError, RuntimeError, TypeError, AttributeError) as err:
-        raise UserError(f"--resume: the checkpoint does not hold this classifier "
-                        f"({type(err).__name__}: {ckpt.first_line(err)})") from err
-    if optimizer is None or "optimizer" not in state or "epoch" not in state:
-        return None
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    if distributed.get_world_size() == 1:
-        set_rng_state(state.get("rng"))
-    return int(state["epoch"]) + 1
+    """Restore a checkpoint written by these runs (`checkpoint.restore_training_state`, as
+    pre-training does): the model always (strict); with `optimizer` (training, not `--eval`) also
+    the optimizer, scaler and random state. Returns the epoch to start at (saved epoch + 1), or
+    None when only the model was restored."""
+    return ckpt.restore_training_state(state, model, optimizer, scaler, seed=seed)
 
 
 def save_checkpoint(output_dir: str, state: dict[str, Any], epoch: int, save_freq: int, last: bool) -> None:
@@ -236,32 +185,88 @@ def _val_loader(dataset: Dataset, args: argparse.Namespace, pin_memory: bool) ->
                       num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False)
 
 
-def prologue(args: argparse.Namespace, mode: str) -> tuple[Runtime, str, Mapping | None, Mapping | None]:
+def prologue(args: argparse.Namespace, mode: str, parser: argparse.ArgumentParser
+             ) -> tuple[Runtime, str, Mapping | None, Mapping | None]:
     """Checks, runtime, model name, and the checkpoints to read: (runtime, classifier name,
-    --resume state, --finetune content)."""
+    --resume state, --finetune content). `parser`: the script's, whose defaults tell the flags
+    left unset (`adopt_resume_model`). Input and patch size come from the checkpoint's model
+    (`checkpoint.checkpoint_model_args`: its record, else read off its weights, which decide the
+    patch grid) unless the flags give them; the encoder sizes as `_encoder` says."""
     check_args(args, mode)
     rt = setup_runtime(args.device, args.seed, args.amp,
                        dist_url=args.dist_url, world_size=args.world_size, dist_on_itp=args.dist_on_itp)
-    name = classifier_name(args.model)
     path = resume_path(args.resume, args.output_dir)
     resume_state = ckpt.read_checkpoint(path, "--resume") if path is not None else None
     if resume_state is not None:
         log.info("resuming from %s", path)
+        adopt_resume_model(args, parser, path, resume_state)
+    name = classifier_name(args.model)
     source = ckpt.read_checkpoint(args.finetune, "--finetune", mmap=True) if args.finetune and not args.eval else None
     geometry_from = resume_state if resume_state is not None else source
-    input_size, patch_size = checkpoint_geometry(geometry_from) if geometry_from is not None else (None, None)
+    record = _model_args(geometry_from) if geometry_from is not None else None
+    kwargs = record["kwargs"] if record is not None else {}
     if args.input_size is None:
-        args.input_size = input_size or 224
+        args.input_size = kwargs.get("img_size") or 224
     if args.patch_size is None:
-        args.patch_size = patch_size  # None: the architecture's own
+        args.patch_size = kwargs.get("patch_size")  # None: the architecture's own
     if args.patch_size and args.input_size % args.patch_size:
         raise ConfigError(f"--input_size {args.input_size} is not a multiple of the patch size {args.patch_size}")
-    overrides = checkpoint_encoder_overrides(geometry_from) if geometry_from is not None else {}
+    encoder = _encoder(geometry_from, record, name, resumed=resume_state is not None)
     for key in ENCODER_OVERRIDES:  # recorded in args, so this run's checkpoints rebuild the same encoder
-        setattr(args, key, overrides.get(key))
-    if overrides:
-        log.info("encoder overrides from the checkpoint's args: %s", overrides)
+        setattr(args, key, encoder.get(key))
+    if encoder:
+        log.info("encoder from the checkpoint: %s", encoder)
     return rt, name, resume_state, source
+
+
+def _model_args(source: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`checkpoint.checkpoint_model_args`, or None for a file it cannot read a model from (the load
+    then says what does not fit)."""
+    try:
+        return ckpt.checkpoint_model_args(source)
+    except (ValueError, TypeError) as err:
+        log.warning("cannot read the checkpoint's model (%s): geometry and encoder from the flags", err)
+        return None
+
+
+def _encoder(source: Mapping[str, Any] | None, record: Mapping[str, Any] | None, name: str,
+             resumed: bool) -> dict[str, int]:
+    """The encoder sizes (`embed_dim`, `depth`, `num_heads`) to build `name` with: a resumed run's
+    checkpoint's (its own model), a --finetune file's stored record of the same encoder, else the
+    sizes its stored args name (`main_pretrain.py --embed_dim ...`); {} for released checkpoints,
+    whose architecture is the one `--model` names (heads change no weight shape: never guessed)."""
+    if record is None or source is None:
+        return {}
+    if resumed or (source.get(ckpt.MODEL_ARGS_KEY) is not None and _same_classifier(record["name"], name)):
+        return {k: record["kwargs"][k] for k in ENCODER_OVERRIDES if k in record["kwargs"]}
+    saved = ckpt.stored_args(source) or {}
+    return {k: saved[k] for k in ENCODER_OVERRIDES
+            if isinstance(saved.get(k), int) and not isinstance(saved.get(k), bool) and saved[k] > 0}
+
+
+def _same_classifier(a: str, b: str) -> bool:
+    """Whether model names `a` and `b` have the same encoder (`mae_vit_x` and `vit_x` do)."""
+    try:
+        return parse_model_name(a).arch == parse_model_name(b).arch
+    except ValueError:
+        return a == b
+
+
+def adopt_resume_model(args: argparse.Namespace, parser: argparse.ArgumentParser, path: Path,
+                       state: Mapping[str, Any]) -> None:
+    """On `--resume`: `--model` (its encoder), `--input_size`, `--patch_size`, `--nb_classes`
+    (image folders; digits / cifar10 take the dataset's) and `--global_pool` / `--cls_token`
+    against the checkpoint's "model_args" (`checkpoint.reconcile_resume_flags`): contradicted, the
+    run is refused (exit 2); left at their defaults, they take the checkpoint's values."""
+    record = _model_args(state)
+    if record is None:
+        return
+    kwargs = record["kwargs"]
+    architecture = {"model": record["name"], "input_size": kwargs.get("img_size"),
+                    "patch_size": kwargs.get("patch_size"), "global_pool": kwargs.get("global_pool"),
+                    "nb_classes": kwargs.get("num_classes") if args.dataset == "imagefolder" else None}
+    ckpt.reconcile_resume_flags(args, parser, path, architecture, same={"model": _same_classifier},
+                                flags={"global_pool": ("--global_pool", "--cls_token")})
 
 
 def claim_output_folder(run: contextlib.ExitStack | None, args: argparse.Namespace, rt: Runtime) -> None:
@@ -276,24 +281,23 @@ def finish(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def create_classifier(name: str, args: argparse.Namespace, **kwargs: Any) -> nn.Module:
-    """The classifier `name` at the resolved input / patch size, with any encoder overrides."""
+def classifier_args(name: str, args: argparse.Namespace, head: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """The "model_args" record of the classifier `name` at the resolved input / patch size, with
+    any encoder overrides and `kwargs`, resolved on the meta device (`registry.resolved_kwargs`);
+    `head="batchnorm"`: the linear probe's. Sets `args.patch_size` to the one built."""
     for key in ("patch_size", *ENCODER_OVERRIDES):
         if getattr(args, key, None):
             kwargs[key] = getattr(args, key)
-    model = create_model(name, num_classes=args.nb_classes, global_pool=args.global_pool, img_size=args.input_size, **kwargs)
+    kwargs.update(num_classes=args.nb_classes, global_pool=bool(args.global_pool), img_size=args.input_size)
+    with torch.device("meta"):  # no memory, no weights: only what the factory resolves
+        model = create_model(name, **kwargs)
     args.patch_size = model.patch_embed.patch_size[0]
-    return model
+    return ckpt.model_args(name, {**kwargs, **resolved_kwargs(model)}, head)
 
 
-def _scaler(rt: Runtime) -> torch.amp.GradScaler | None:
-    return torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
-
-
-def _wrap(model: nn.Module, rt: Runtime, compile_model: bool) -> nn.Module:
-    if rt.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return torch.compile(model) if compile_model else model
+def create_classifier(name: str, args: argparse.Namespace, **kwargs: Any) -> nn.Module:
+    """The classifier `classifier_args` describes, freshly initialised."""
+    return ckpt.build_model(classifier_args(name, args, **kwargs))
 
 
 def evaluate_only(
@@ -302,7 +306,7 @@ def evaluate_only(
     """`--eval`: the `--resume` checkpoint's accuracy on val, nothing written."""
     record_args(args, rt.is_main)
     if resume_state is not None:
-        load_resume_state(resume_state, model)
+        load_resume_state(resume_state, model, seed=args.seed)
     else:
         log.warning("--eval without a --resume checkpoint: evaluating a classifier whose head is untrained")
     pin = args.pin_mem and rt.device.type == "cuda"
@@ -323,18 +327,20 @@ def fit(
     resume_state: Mapping | None,
     n_parameters: int,
     *,
+    model_args: Mapping[str, Any],
     mixup_fn: Callable | None = None,
     clip_grad: float | None = None,
 ) -> dict[str, Any]:
     """The reference epoch loop: train, evaluate, checkpoint, one log line; returns the last
-    epoch's val accuracy (fractions), `max_acc1` and the training loss."""
+    epoch's val accuracy (fractions), `max_acc1` and the training loss. `model_args`: the record
+    `model` was built from, saved in every checkpoint."""
     device = rt.device
     pin = args.pin_mem and device.type == "cuda"
-    scaler = _scaler(rt)
+    scaler = rt.grad_scaler()
     start_epoch, max_acc1 = args.start_epoch, 0.0
     run_log = RunLog(args.output_dir or None, args.log_dir or None, enabled=rt.is_main)
     if resume_state is not None:
-        start = load_resume_state(resume_state, model, optimizer, scaler)
+        start = load_resume_state(resume_state, model, optimizer, scaler, seed=args.seed)
         start_epoch = start if start is not None else start_epoch
         max_acc1 = float(resume_state.get("max_accuracy", 0.0))
         if rt.is_main and resume_state.get("log_stats"):
@@ -345,7 +351,8 @@ def fit(
     train_loader = data.build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
                                      pin_memory=pin, seed=args.seed)
     val_loader = _val_loader(val_set, args, pin)
-    train_model = _wrap(model, rt, args.compile)
+    train_model = distributed.wrap_ddp(model, device)
+    train_model = torch.compile(train_model) if args.compile else train_model
     log.info("training epochs %d..%d", start_epoch, args.epochs - 1)
 
     result: dict[str, Any] = {}
@@ -364,9 +371,8 @@ def fit(
                 **percent({f"test_{k}": v for k, v in test_stats.items()}),
                 "epoch": epoch, "n_parameters": n_parameters}
         if args.output_dir and rt.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "scaler": scaler.state_dict() if scaler is not None else None, "args": args,
-                     "log_stats": line, "max_accuracy": max_acc1, "rng": get_rng_state(device)}
+            state = ckpt.training_state(model, optimizer, epoch, args=args, model_args=model_args, scaler=scaler,
+                                        device=device, log_stats=line, max_accuracy=max_acc1)
             save_checkpoint(args.output_dir, state, epoch, args.save_freq, last=epoch + 1 == args.epochs)
         run_log.write_epoch(line)
         run_log.scalars({f"perf/test_{k}": v for k, v in percent(test_stats).items()}, epoch)

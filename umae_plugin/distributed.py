@@ -164,6 +164,17 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x / get_world_size()
 
 
+def wrap_ddp(model: torch.nn.Module, device: torch.device, *, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """`model` in `DistributedDataParallel` (on `device`'s GPU, or CPU / gloo) when several
+    processes run; `model` itself in a single process."""
+    if get_world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused_parameters)
+
+
 def shutdown() -> None:
     """Leave the process group together: a rank that exits while rank 0 still writes its last
     checkpoint can bring the job down (gloo aborts on a peer's closed connection)."""

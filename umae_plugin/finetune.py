@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import cli, data
-from .classify import (ConfigError, claim_output_folder, create_classifier, evaluate_only, finish, fit, mixup_active,
-                       prologue, resolve_num_classes)
+from .classify import (ConfigError, claim_output_folder, classifier_args, create_classifier, evaluate_only, finish, fit,
+                       mixup_active, prologue, resolve_num_classes)
 from .classify import check_args as check_classifier_args
 from .optim import param_groups_layer_decay, resolve_lr
 
@@ -124,7 +124,7 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_finetune(args: argparse.Namespace, run: contextlib.ExitStack | None = None) -> dict[str, Any]:
-    rt, name, resume_state, source = prologue(args, "finetune")
+    rt, name, resume_state, source = prologue(args, "finetune", get_args_parser())
     train_set = None
     if not args.eval:
         train_tf = data.finetune_transform(args.input_size, True, color_jitter=args.color_jitter, aa=args.aa,
@@ -145,6 +145,7 @@ def _run_finetune(args: argparse.Namespace, run: contextlib.ExitStack | None = N
                          label_smoothing=args.smoothing, num_classes=args.nb_classes)
         log.info("mixup / cutmix on: mixup %g, cutmix %g, mode %s", args.mixup, args.cutmix, args.mixup_mode)
 
+    record = classifier_args(name, args, drop_path_rate=args.drop_path)  # what build_finetune_model builds
     model = build_finetune_model(name, args, source).to(rt.device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     args.lr = resolve_lr(args.lr, args.blr, args.batch_size, args.accum_iter, rt.world_size)
@@ -158,4 +159,4 @@ def _run_finetune(args: argparse.Namespace, run: contextlib.ExitStack | None = N
     if args.eval:
         return evaluate_only(model, val_set, args, rt, resume_state)
     return fit(args, rt, model, build_criterion(args), optimizer, train_set, val_set, resume_state, n_parameters,
-               mixup_fn=mixup_fn, clip_grad=args.clip_grad)
+               model_args=record, mixup_fn=mixup_fn, clip_grad=args.clip_grad)

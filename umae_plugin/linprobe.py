@@ -21,9 +21,9 @@ from torch.utils.data import Dataset
 
 from . import checkpoint as ckpt
 from . import baselines, cli, data, distributed
-from .classify import (ConfigError, claim_output_folder, classifier_name, create_classifier, evaluate_only, finish, fit,
-                       load_resume_state, percent, prologue, resolve_num_classes, restore_missing_checkpoint,
-                       save_checkpoint)
+from .classify import (ConfigError, claim_output_folder, classifier_args, classifier_name, create_classifier,
+                       evaluate_only, finish, fit, load_resume_state, percent, prologue, resolve_num_classes,
+                       restore_missing_checkpoint, save_checkpoint)
 from .classify import check_args as check_classifier_args
 from .linprobe_cached import (HELD_OUT_FRACTION, LR_FACTORS, POOLS, evaluate_head, extract_pooled_features,
                               knn_accuracy, search_lr, train_head_epoch, train_linear_head)
@@ -103,7 +103,7 @@ def build_linprobe_model(name: str, args: argparse.Namespace, source: Mapping | 
         ckpt.load_pretrained(model, source, f"--finetune {args.finetune}")  # logs loaded / fresh / ignored keys
     nn.init.trunc_normal_(model.head.weight, std=0.01)
     nn.init.zeros_(model.head.bias)
-    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    model.head = ckpt.linear_probe_head(model.head)
     for p in model.parameters():
         p.requires_grad = False
     for p in model.head.parameters():
@@ -133,7 +133,7 @@ def check_linprobe_flags(args: argparse.Namespace) -> None:
 
 def _run_linprobe(args: argparse.Namespace, run: contextlib.ExitStack | None = None) -> dict[str, Any]:
     check_linprobe_flags(args)
-    rt, name, resume_state, source = prologue(args, "linprobe")
+    rt, name, resume_state, source = prologue(args, "linprobe", get_args_parser())
     cached = args.cache_features and not args.eval
     train_tf = data.eval_transform(args.input_size) if cached else data.linprobe_transform(args.input_size, True)
     # Data first: a wrong path fails before anything expensive is built.
@@ -145,6 +145,7 @@ def _run_linprobe(args: argparse.Namespace, run: contextlib.ExitStack | None = N
     resolve_num_classes(args, train_set, val_set)
     claim_output_folder(run, args, rt)
 
+    record = classifier_args(name, args, head="batchnorm")  # what build_linprobe_model builds; saved with it
     model = build_linprobe_model(name, args, source).to(rt.device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     args.lr = resolve_lr(args.lr, args.blr, args.batch_size, args.accum_iter, rt.world_size)
@@ -157,8 +158,10 @@ def _run_linprobe(args: argparse.Namespace, run: contextlib.ExitStack | None = N
     if args.eval:
         return evaluate_only(model, val_set, args, rt, resume_state)
     if cached:
-        return _linprobe_cached(args, rt, model, optimizer, train_set, val_set, resume_state, n_parameters, pin)
-    return fit(args, rt, model, nn.CrossEntropyLoss(), optimizer, train_set, val_set, resume_state, n_parameters)
+        return _linprobe_cached(args, rt, model, optimizer, train_set, val_set, resume_state, n_parameters, pin,
+                                record)
+    return fit(args, rt, model, nn.CrossEntropyLoss(), optimizer, train_set, val_set, resume_state, n_parameters,
+               model_args=record)
 
 
 def _broadcast(module: nn.Module) -> None:
@@ -178,6 +181,7 @@ def _linprobe_cached(
     resume_state: Mapping | None,
     n_parameters: int,
     pin: bool,
+    model_args: Mapping[str, Any],
 ) -> dict[str, Any]:
     """`--cache_features`: features of unaugmented images once, then the heads on them. Every
     process extracts its shard and trains the same heads on all features (no DDP needed); a
@@ -204,7 +208,7 @@ def _linprobe_cached(
     start_epoch, max_acc1 = args.start_epoch, 0.0
     other_start, searched = args.start_epoch, None
     if resume_state is not None:
-        start = load_resume_state(resume_state, model, optimizer)
+        start = load_resume_state(resume_state, model, optimizer, seed=args.seed)
         start_epoch = start if start is not None else start_epoch
         max_acc1 = float(resume_state.get("max_accuracy", 0.0))
         saved = resume_state.get("other_pool")
@@ -280,11 +284,11 @@ def _linprobe_cached(
                 **percent({f"test_{m}_{p}": by_pool[p][m] for p in POOLS for m in ("acc1", "acc5")}),
                 **constant_line, "epoch": epoch, "n_parameters": n_parameters}
         if args.output_dir and rt.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "scaler": None, "args": args, "log_stats": line, "max_accuracy": max_acc1,
-                     "other_pool": {"pool": other, "head": other_head.state_dict(),
-                                    "optimizer": other_optimizer.state_dict(), "epoch": epoch},
-                     "lr_search": dict(lrs) if lr_search else None}
+            state = ckpt.training_state(
+                model, optimizer, epoch, args=args, model_args=model_args, log_stats=line, max_accuracy=max_acc1,
+                other_pool={"pool": other, "head": other_head.state_dict(),
+                            "optimizer": other_optimizer.state_dict(), "epoch": epoch},
+                lr_search=dict(lrs) if lr_search else None)
             save_checkpoint(args.output_dir, state, epoch, args.save_freq, last=epoch + 1 == args.epochs)
         run_log.write_epoch(line)
         run_log.scalars({f"perf/test_{k}": v for k, v in percent(val_stats).items()}, epoch)

@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from . import cli, data, distributed, run_folder
@@ -24,8 +23,9 @@ from .errors import UsageError, UserError
 from .logger import RunLog
 from .models_mae import FEATURE_POOLS
 from .optim import param_groups_weight_decay, resolve_lr
-from .registry import ModelName, create_model, parse_model_name, pretrain_name
-from .runtime import Runtime, get_rng_state, record_args, set_rng_state, setup_runtime
+from .registry import (create_model, default_lambda, default_mask_ratio, model_overrides, parse_model_name,
+                       pretrain_factory, resolved_kwargs)
+from .runtime import Runtime, record_args, setup_runtime
 
 log = logging.getLogger("umae")
 
@@ -91,7 +91,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Resolve defaults that depend on other flags and refuse values that cannot work."""
+    """Resolve defaults that depend on other flags and refuse values that cannot work. On
+    `--resume`, the flags are first checked against the checkpoint's model (`adopt_resume_model`)."""
+    adopt_resume_model(args)
     if args.lambda_unif is None:
         args.lambda_unif = default_lambda(args.model)
     if isinstance(args.mask_ratio, cli.DefaultMaskRatio):  # not on the command line
@@ -119,6 +121,47 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     return args
 
 
+ARCH_FLAGS = {"input_size": "img_size", "patch_size": "patch_size", "embed_dim": "embed_dim", "depth": "depth",
+              "num_heads": "num_heads", "decoder_embed_dim": "decoder_embed_dim", "decoder_depth": "decoder_depth",
+              "decoder_num_heads": "decoder_num_heads"}  # flag -> the model_args keyword it sets
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Same family and encoder (`umae_*` / `mae_*` differ only in the loss: `lambda_unif`)."""
+    try:
+        pa, pb = parse_model_name(a), parse_model_name(b)
+    except ValueError:
+        return a == b
+    return (pa.family, pa.arch) == (pb.family, pb.arch)
+
+
+def adopt_resume_model(args: argparse.Namespace) -> None:
+    """On `--resume` (a file, or `auto` with a checkpoint in the output folder): the flags against
+    the checkpoint's "model_args" (`checkpoint.reconcile_resume_flags`). `--model` (family and
+    encoder), `--input_size`, `--patch_size` and the encoder / decoder sizes that contradict it are
+    refused (exit 2), those left at their defaults take the checkpoint's values; `--lambda_unif`,
+    `--unif_pool`, `--norm_pix_loss` and `--mask_ratio` given with other values are used, with a
+    warning. A file whose model cannot be read is left to the load, which names what is wrong."""
+    path = ckpt.resolve_resume(args.resume, args.output_dir) if args.resume else None
+    if path is None:
+        return
+    state = ckpt.read_checkpoint(path, "--resume", mmap=True)
+    try:
+        record = ckpt.checkpoint_model_args(state)
+    except (ValueError, TypeError) as err:
+        log.debug("--resume %s: no model to compare the flags with (%s)", path, err)
+        return
+    parser, kwargs = get_args_parser(), record["kwargs"]
+    if args.lambda_unif is None and not ckpt.at_parser_default(parser, args, "model"):
+        args.lambda_unif = default_lambda(args.model)  # the given name's, compared below
+    lambda_unif = float(kwargs.get("lambda_unif", 0.0))
+    architecture = {"model": record["name"], **{flag: kwargs.get(key) for flag, key in ARCH_FLAGS.items()}}
+    losses = {"lambda_unif": lambda_unif, "unif_pool": kwargs.get("unif_pool") if lambda_unif > 0 else None,
+              "norm_pix_loss": kwargs.get("norm_pix_loss"),
+              "mask_ratio": (ckpt.stored_args(state) or {}).get("mask_ratio")}
+    ckpt.reconcile_resume_flags(args, parser, path, architecture, losses, same={"model": _same_model})
+
+
 def main(args: argparse.Namespace) -> dict:
     return run_pretrain(check_args(get_args_parser(), args))
 
@@ -132,68 +175,16 @@ def entry() -> None:
 # the run
 
 
-def _parsed(name: str) -> ModelName | None:
-    """`registry.parse_model_name(name)`, or None for a name it cannot parse (built as given)."""
-    try:
-        return parse_model_name(name)
-    except ValueError:
-        return None
-
-
-def default_lambda(model_name: str) -> float:
-    """The uniformity weight when `--lambda_unif` is not given: the paper's 0.01 for `umae_*` and
-    `usimmim_*` models, 0 (exactly upstream MAE / SimMIM) for everything else."""
-    parsed = _parsed(model_name)
-    return 0.01 if parsed is not None and parsed.uniformity else 0.0
-
-
-def build_pretrain_model(
-    name: str,
-    *,
-    lambda_unif: float,
-    unif_pool: str = "mean",
-    **overrides: Any,
-) -> torch.nn.Module:
-    """`mae_vit_*` / `umae_vit_*` (and `simmim_vit_*` / `usimmim_vit_*`) name the same
-    architectures: a positive `lambda_unif` builds the uniformity-enhanced class, zero builds the
-    plain (upstream) class. Other names are built as given. `None` overrides are dropped, as are
-    decoder overrides for SimMIM, whose decoder is one linear layer. The reference's
-    `mae_vit_*_dec512d8b` aliases build their `mae_vit_*` / `umae_vit_*` model."""
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    parsed = _parsed(name)
-    if parsed is None or not parsed.is_pretrain:
-        return create_model(name, **overrides)
-    family, arch = parsed.family, parsed.arch
-    if family == "simmim":
-        ignored = [k for k in overrides if k.startswith("decoder_")]
-        if ignored:
-            log.warning("SimMIM has a one-layer linear decoder: ignoring %s", ", ".join(ignored))
-        overrides = {k: v for k, v in overrides.items() if k not in ignored}
-    if lambda_unif > 0:
-        return create_model(pretrain_name(family, True, arch), lambda_unif=lambda_unif, unif_pool=unif_pool,
-                            **overrides)
-    return create_model(pretrain_name(family, False, arch), **overrides)
-
-
-def default_mask_ratio(model_name: str) -> float:
-    """0.6 for SimMIM models (its paper's value), 0.75 (upstream MAE) otherwise."""
-    parsed = _parsed(model_name)
-    return 0.6 if parsed is not None and parsed.family == "simmim" else 0.75
-
-
-def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Constructor keywords given on the command line (None: the factory's default)."""
-    return dict(
-        img_size=args.input_size,
-        embed_dim=getattr(args, "embed_dim", None),
-        depth=getattr(args, "depth", None),
-        num_heads=getattr(args, "num_heads", None),
-        patch_size=args.patch_size,
-        norm_pix_loss=args.norm_pix_loss,
-        decoder_embed_dim=args.decoder_embed_dim,
-        decoder_depth=args.decoder_depth,
-        decoder_num_heads=args.decoder_num_heads,
-    )
+def pretrain_model_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The "model_args" record of the model the flags describe (`checkpoint.model_args`): the
+    factory `registry.pretrain_factory` picks and its keywords, resolved on the meta device (the
+    factory's defaults filled in: geometry, encoder, decoder, loss settings). The run builds its
+    model from this record (`checkpoint.build_model`) and saves it in every checkpoint."""
+    name, kwargs = pretrain_factory(args.model, lambda_unif=args.lambda_unif, unif_pool=args.unif_pool,
+                                    **model_overrides(args))
+    with torch.device("meta"):  # no memory, no weights: only what the factory resolves
+        model = create_model(name, **kwargs)
+    return ckpt.model_args(name, {**kwargs, **resolved_kwargs(model)})
 
 
 def check_model_args(args: argparse.Namespace) -> None:
@@ -204,9 +195,8 @@ def check_model_args(args: argparse.Namespace) -> None:
     `UsageError` naming the flag and the patch counts."""
     try:
         with torch.device("meta"):
-            model = build_pretrain_model(args.model, lambda_unif=args.lambda_unif, unif_pool=args.unif_pool,
-                                         **model_overrides(args))
-    except (ValueError, TypeError, KeyError, AssertionError) as err:
+            model = ckpt.build_model(pretrain_model_args(args))
+    except (ValueError, TypeError, KeyError, AssertionError, AttributeError) as err:
         raise UsageError(f"--model {args.model}: {err}") from None
     patch = model.patch_embed.patch_size[0]
     if args.input_size % patch:
@@ -265,7 +255,8 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
     loader = data.build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
                                pin_memory=pin_memory, seed=args.seed)
 
-    model = build_pretrain_model(args.model, lambda_unif=args.lambda_unif, unif_pool=args.unif_pool, **model_overrides(args))
+    record = pretrain_model_args(args)
+    model = ckpt.build_model(record)  # from the record the checkpoints carry: they rebuild exactly this model
     if args.init_from:
         report = ckpt.load_pretrained(model, ckpt.read_checkpoint(args.init_from, "--init_from"),
                                       f"--init_from {args.init_from}")
@@ -280,7 +271,7 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
     args.lr = resolve_lr(args.lr, args.blr, args.batch_size, args.accum_iter, rt.world_size)
     log.info("effective batch %d, lr %.3e (blr %.3e)", eff_batch, args.lr, args.blr)
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(device.type) if rt.amp_dtype == torch.float16 else None
+    scaler = rt.grad_scaler()
 
     probe = probe_optimizer = tap = None
     feature_pool = getattr(args, "feature_pool", None) or args.unif_pool
@@ -295,24 +286,20 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
     resume = ckpt.resolve_resume(args.resume, args.output_dir)
     if resume is not None:
         state = ckpt.read_checkpoint(resume, "--resume")
-        try:
-            model.load_state_dict(state["model"], strict=True)
-            optimizer.load_state_dict(state["optimizer"])
-            int(state["epoch"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            if probe is not None and state.get("online_probe"):
+        origin = f"--resume {resume}"
+        start = ckpt.restore_training_state(state, model, optimizer, scaler, seed=args.seed, origin=origin)
+        if start is None:
+            raise UserError(f"{origin}: not a checkpoint of this run's model and optimizer (it holds no optimizer "
+                            "state and epoch)")
+        if probe is not None and state.get("online_probe"):
+            try:
                 probe.load_state_dict(state["online_probe"]["model"])
                 probe_optimizer.load_state_dict(state["online_probe"]["optimizer"])
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as err:
-            raise UserError(f"--resume {resume}: not a checkpoint of this run's model and optimizer "
-                            f"({type(err).__name__}: {ckpt.first_line(err)})") from err
-        if rt.world_size == 1:
-            set_rng_state(state.get("rng"))
-        else:  # only rank 0's state is saved; give every rank its own stream again
-            torch.manual_seed(args.seed + rt.rank + 100_003 * (int(state["epoch"]) + 1))
-        start_epoch = int(state["epoch"]) + 1
-        log.info("resumed from %s (epoch %d)", resume, state["epoch"])
+            except (KeyError, RuntimeError, ValueError, TypeError) as err:
+                raise UserError(f"{origin}: its online probe does not fit this run's "
+                                f"({type(err).__name__}: {ckpt.first_line(err)})") from err
+        start_epoch = start
+        log.info("resumed from %s (epoch %d)", resume, start - 1)
 
     run_log = RunLog(args.output_dir, args.log_dir, enabled=rt.is_main)
     record_args(args, rt.is_main, args.output_dir)
@@ -322,11 +309,9 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
         if resume is not None:  # the numbered checkpoint a kill during its write lost
             ckpt.restore_missing_checkpoint(args.output_dir, state, args.save_freq, args.epochs, args.resume)
 
-    train_model = model
-    if rt.world_size > 1:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if probe is not None:
-            probe = DistributedDataParallel(probe, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = distributed.wrap_ddp(model, device)
+    if probe is not None:
+        probe = distributed.wrap_ddp(probe, device)
     if args.compile:
         train_model = torch.compile(train_model)
 
@@ -366,15 +351,8 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
         stats.update(epoch=epoch, n_parameters=n_params)
 
         if args.output_dir and rt.is_main:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "args": args,
-                "log_stats": stats,
-                "rng": get_rng_state(device),
-            }
+            state = ckpt.training_state(model, optimizer, epoch, args=args, model_args=record, scaler=scaler,
+                                        device=device, log_stats=stats)
             if probe is not None:
                 state["online_probe"] = {"model": unwrap(probe).state_dict(), "optimizer": probe_optimizer.state_dict()}
             ckpt.save_checkpoint(args.output_dir, state, epoch, args.save_freq, last)

@@ -22,12 +22,11 @@ import torch
 import torch.nn as nn
 
 from . import data
-from .checkpoint import torch_load
+from .checkpoint import load_model
 from .errors import exit_on_error
 from .baselines import raw_pixel_baselines
 from .linprobe_cached import extract_features, knn_votes, train_linear_head
 from .metrics import effective_rank, singular_spectrum
-from .pretrain import build_pretrain_model, model_overrides
 from .pretrain import get_args_parser as pretrain_parser
 from .pretrain import main as pretrain_main
 from .runtime import resolve_device
@@ -65,11 +64,7 @@ def pretrain(out: Path, lambda_unif: float, args: argparse.Namespace) -> tuple[d
 
 @torch.no_grad()
 def probe(out: Path, device: torch.device, probe_epochs: int, probe_lr: float) -> dict[str, float]:
-    state = torch_load(out / "checkpoint-last.pth")
-    saved = state["args"]
-    model = build_pretrain_model(saved.model, lambda_unif=saved.lambda_unif, **model_overrides(saved))
-    model.load_state_dict(state["model"], strict=True)
-    model.to(device).eval()
+    model = load_model(out / "checkpoint-last.pth", device)  # rebuilt from the file alone, eval mode
     feats = {}
     for split in ("train", "val"):
         ds = data.build_dataset("digits", None, split, data.eval_transform(32))

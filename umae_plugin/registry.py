@@ -1,12 +1,15 @@
 """Model names -> factories, for scripts and tools that build models from a `--model` string."""
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Callable, NamedTuple
 
 import torch.nn as nn
 
 from . import models_mae, models_simmim, models_umae, models_vit
+
+log = logging.getLogger("umae")
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -95,3 +98,89 @@ def pretrain_name(family: str, uniformity: bool, arch: str) -> str:
 def classifier_arch(name: str) -> str:
     """The `vit_*` classifier of model `name`'s encoder (`name` itself for `vit_*`)."""
     return parse_model_name(name).arch
+
+
+# ---------------------------------------------------------------------------------------------
+# pre-training models: which factory a name and a uniformity weight build, and their defaults
+
+
+def _parsed(name: str) -> ModelName | None:
+    """`parse_model_name(name)`, or None for a name it cannot parse (built as given)."""
+    try:
+        return parse_model_name(name)
+    except ValueError:
+        return None
+
+
+def default_lambda(model_name: str) -> float:
+    """The uniformity weight when `--lambda_unif` is not given: the paper's 0.01 for `umae_*` and
+    `usimmim_*` models, 0 (exactly upstream MAE / SimMIM) for everything else."""
+    parsed = _parsed(model_name)
+    return 0.01 if parsed is not None and parsed.uniformity else 0.0
+
+
+def default_mask_ratio(model_name: str) -> float:
+    """0.6 for SimMIM models (its paper's value), 0.75 (upstream MAE) otherwise."""
+    parsed = _parsed(model_name)
+    return 0.6 if parsed is not None and parsed.family == "simmim" else 0.75
+
+
+def pretrain_factory(name: str, *, lambda_unif: float, unif_pool: str = "mean",
+                     **overrides: Any) -> tuple[str, dict[str, Any]]:
+    """(factory name, keywords) that `build_pretrain_model` calls: `mae_vit_*` / `umae_vit_*` (and
+    `simmim_vit_*` / `usimmim_vit_*`) name the same architectures, a positive `lambda_unif` picks
+    the uniformity-enhanced class (with `lambda_unif`, `unif_pool`), zero the plain (upstream) one;
+    the reference's `mae_vit_*_dec512d8b` aliases pick their `mae_vit_*` / `umae_vit_*`. Other
+    names are used as given. `None` overrides are dropped, as are decoder overrides for SimMIM,
+    whose decoder is one linear layer (with a warning)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    parsed = _parsed(name)
+    if parsed is None or not parsed.is_pretrain:
+        return name, overrides
+    if parsed.family == "simmim":
+        ignored = [k for k in overrides if k.startswith("decoder_")]
+        if ignored:
+            log.warning("SimMIM has a one-layer linear decoder: ignoring %s", ", ".join(ignored))
+        overrides = {k: v for k, v in overrides.items() if k not in ignored}
+    if lambda_unif > 0:
+        return (pretrain_name(parsed.family, True, parsed.arch),
+                dict(overrides, lambda_unif=float(lambda_unif), unif_pool=unif_pool))
+    return pretrain_name(parsed.family, False, parsed.arch), overrides
+
+
+def build_pretrain_model(name: str, *, lambda_unif: float, unif_pool: str = "mean", **overrides: Any) -> nn.Module:
+    """The pre-training model `pretrain_factory` names, freshly initialised."""
+    factory, kwargs = pretrain_factory(name, lambda_unif=lambda_unif, unif_pool=unif_pool, **overrides)
+    return create_model(factory, **kwargs)
+
+
+def model_overrides(args: Any) -> dict[str, Any]:
+    """Constructor keywords a pre-training command line gives (None: the factory's default)."""
+    return dict(
+        img_size=args.input_size,
+        embed_dim=getattr(args, "embed_dim", None),
+        depth=getattr(args, "depth", None),
+        num_heads=getattr(args, "num_heads", None),
+        patch_size=args.patch_size,
+        norm_pix_loss=args.norm_pix_loss,
+        decoder_embed_dim=args.decoder_embed_dim,
+        decoder_depth=args.decoder_depth,
+        decoder_num_heads=args.decoder_num_heads,
+    )
+
+
+def resolved_kwargs(model: nn.Module) -> dict[str, Any]:
+    """The shape-deciding constructor keywords of a built ViT, pre-training model or classifier, as
+    it was built (the factory's defaults filled in): geometry, encoder, decoder, loss settings."""
+    kwargs: dict[str, Any] = dict(img_size=int(model.patch_embed.img_size[0]),
+                                  patch_size=int(model.patch_embed.patch_size[0]),
+                                  embed_dim=int(model.embed_dim), depth=len(model.blocks),
+                                  num_heads=int(model.blocks[0].attn.num_heads))
+    if hasattr(model, "decoder_blocks"):
+        kwargs.update(decoder_embed_dim=int(model.decoder_embed.out_features), decoder_depth=len(model.decoder_blocks),
+                      decoder_num_heads=int(model.decoder_blocks[0].attn.num_heads))
+    if hasattr(model, "norm_pix_loss"):
+        kwargs["norm_pix_loss"] = bool(model.norm_pix_loss)
+    if hasattr(model, "lambda_unif"):
+        kwargs.update(lambda_unif=float(model.lambda_unif), unif_pool=str(model.feature_pool))
+    return kwargs

@@ -40,6 +40,11 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """The loss scaler of every training loop: on for fp16 autocast, a pass-through otherwise
+        (`scale` returns the loss, `step` is `optimizer.step()`), so the loops have one path."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()

@@ -45,9 +45,13 @@ def accumulation_context(model: nn.Module, update: bool) -> contextlib.AbstractC
     return model.no_sync()
 
 
+# A scaler that is off: `scale` returns the loss, `unscale_` does nothing, `step` is `optimizer.step()`.
+# What a loop without fp16 gets (`runtime.Runtime.grad_scaler`), and what `scaler=None` means here.
+NO_SCALING = torch.amp.GradScaler("cpu", enabled=False)
+
+
 def backward(loss: torch.Tensor, accum_iter: int, scaler: torch.amp.GradScaler | None) -> None:
-    scaled = loss / accum_iter
-    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    (scaler or NO_SCALING).scale(loss / accum_iter).backward()
 
 
 def optimizer_step(
@@ -56,16 +60,14 @@ def optimizer_step(
     scaler: torch.amp.GradScaler | None = None,
     clip_grad: float | None = None,
 ) -> None:
-    """Unscale (fp16), clip the global gradient norm if asked, step, and clear the gradients."""
+    """Unscale (fp16), clip the global gradient norm if asked, step, and clear the gradients.
+    `scaler`: the run's (`runtime.Runtime.grad_scaler`, off without fp16); None: off."""
+    scaler = scaler or NO_SCALING
     if clip_grad is not None:
-        if scaler is not None:
-            scaler.unscale_(optimizer)
+        scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_grad)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
 
