@@ -311,15 +311,10 @@ def export_timm_state_dict(
     from .models_vit import VisionTransformerClassifier
 
     src = extract_state_dict(source)
-    embed_dim = src["cls_token"].shape[-1]
-    patch = src["patch_embed.proj.weight"].shape[-1]
-    depth = 1 + max(int(k.split(".")[1]) for k in src if k.startswith("blocks."))
-    grid = _grid(src["pos_embed"].shape[1])
-    # num_heads does not change any weight's shape; any divisor of the width will do.
+    kw = infer_model_args(src)["kwargs"]  # the encoder's shapes; num_heads changes no weight's shape
     model = VisionTransformerClassifier(
-        global_pool=global_pool, img_size=grid[0] * patch, patch_size=patch, embed_dim=embed_dim,
-        depth=depth, num_heads=1, num_classes=num_classes, qkv_bias=True,
-        mlp_ratio=src["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        global_pool=global_pool, img_size=kw["img_size"], patch_size=kw["patch_size"], embed_dim=kw["embed_dim"],
+        depth=kw["depth"], num_heads=1, num_classes=num_classes, qkv_bias=True, mlp_ratio=kw["mlp_ratio"],
     )
     load_pretrained(model, src)
     return model.state_dict()

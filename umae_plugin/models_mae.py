@@ -217,6 +217,7 @@ class MaskedAutoencoderViT(ViTEncoderBase):
         self, x: torch.Tensor, mask_ratio: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keep a random `int(L * (1 - mask_ratio))` tokens per sample, by argsort of uniform noise.
+        Hand-written (timm has no MAE masking): the reference's draw, so one RNG state gives its masks.
 
         x: [N, L, D] -> (x_kept [N, L_keep, D], mask [N, L], ids_restore [N, L]).
         """

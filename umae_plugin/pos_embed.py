@@ -2,6 +2,8 @@
 
 The reference builds these tables in float64 numpy and casts them to float32; we compute them in
 float64 torch and cast the same way, so a regenerated table equals a stored one bit for bit.
+Hand-written because timm's `build_sincos2d_pos_embed` lays the sine / cosine halves out
+differently (checked: not the reference's table).
 """
 from __future__ import annotations
 
