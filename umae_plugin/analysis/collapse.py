@@ -89,7 +89,8 @@ def plot_spectra(results: Sequence[dict[str, Any]], path: str | Path, title: str
     ax.set_yscale("log")
     ax.set_xlabel("singular value index")
     ax.set_ylabel("singular value / largest")
-    ax.set_title(title or "normalised singular-value spectrum of L2-normalised features")
+    ax.set_title(textwrap.fill(title or "normalised singular-value spectrum of L2-normalised features", 70),
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -192,7 +193,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             log.info("%s: effective rank %.2f", label, stats["effective_rank"])
             entries.append({"label": label, "checkpoint": "", "model": lm.name, **stats})
         plot_spectra(entries, out / "spectra.png",
-                     f"{F.data_name(args.dataset, args.data_path, args.split)}, {entries[0]['num_samples']} images (seed {args.seed})")
+                     f"{F.data_name(args.dataset, args.data_path, args.split)}, {entries[0]['num_samples']} images "
+                     f"(seed {args.seed}), {args.pool or 'the model'}-pooled features")
         report.write_csv(out / "collapse.csv", entries, ["label", "effective_rank", "num_samples", "feature_dim", "checkpoint"])
         result["checkpoints"] = entries
         result["sample"] = {"dataset": args.dataset, "split": args.split, "seed": args.seed,
