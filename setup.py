@@ -12,6 +12,9 @@ INSTALL_REQUIRES = [
     # timm.layers (PatchEmbed, resample_abs_pos_embed), VisionTransformer.attn_pool / head_drop,
     # timm.optim.param_groups_weight_decay / param_groups_layer_decay. Tested with 1.0.31.
     "timm>=1.0",
+    # safetensors.torch.load_file / save_file: timm / HF folders in (checkpoint.py) and out (export.py).
+    # Tested with 0.8.0.
+    "safetensors",
     "numpy",
     # helpers.TorchDistributedEnvironment.export(overwrite=...) and AutoExecutor(slurm_max_num_timeout=...)
     # (slurm.py). Tested with 1.5.4.
@@ -37,6 +40,7 @@ setup(
             "umae-submit=umae_plugin.slurm:entry",
             "umae-analysis=umae_plugin.analysis.__main__:entry",
             "umae-quickstart=umae_plugin.quickstart:entry",
+            "umae-export=umae_plugin.export:entry",
         ],
     },
     python_requires=">=3.10",
@@ -45,5 +49,8 @@ setup(
         # scikit-learn: --dataset digits, --baselines and the analyses; matplotlib: figures, quick start
         "analysis": ["scikit-learn", "matplotlib"],
         "test": ["pytest", "scikit-learn", "matplotlib"],
+        # transformers: only the tests that compare with its ViTMAE (the package reads and writes HF
+        # folders without it). Tested with 5.24.0.
+        "hf": ["transformers"],
     },
 )

@@ -23,7 +23,7 @@ from umae_plugin.errors import exit_on_error
 from umae_plugin.optim import param_groups_weight_decay
 from umae_plugin.registry import build_pretrain_model
 from umae_plugin.registry import classifier_arch, pretrain_name
-from umae_plugin.runtime import AMP_DTYPES, Runtime, resolve_amp, resolve_device
+from umae_plugin.runtime import AMP_DTYPES, Runtime, adamw_options, resolve_amp, resolve_device
 
 # Dense bf16 / fp16 tensor-core peaks (FLOP/s) by device-name fragment, from the vendors' sheets.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "V100": 125e12}
@@ -58,7 +58,8 @@ def build(args, lambda_unif, device):
         decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
         decoder_num_heads=args.decoder_num_heads,
     ).to(device)
-    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95),
+                            **adamw_options(device))  # fused on CUDA, as the training scripts
     step_model = torch.compile(model) if args.compile else model
     return model, step_model, opt
 

@@ -22,7 +22,7 @@ half-cycle cosine to 0, set every step (`umae_plugin.optim`); bf16 autocast; 100
 batches (the order is a fresh permutation each epoch; the 848 left over are a different set each
 epoch). Augmentation on the GPU: random resized crop of 20-100% of the area, aspect ratio 3/4-4/3,
 bicubic, then a horizontal flip with probability 1/2 (the MAE pre-training transform), batched
-with per-sample affine grids (`gpu_augment`); the crop box is continuous and clamped to the image
+with per-sample affine grids (`umae_plugin.data.gpu_augment`); the crop box is continuous and clamped to the image
 (one draw, no retries, like `data.RandomResizedCropNoRetry`). ImageNet mean/std normalisation as
 the package's transforms.
 
@@ -111,7 +111,9 @@ if importlib.util.find_spec("umae_plugin") is None:  # a bare checkout (the GPU 
     sys.path.insert(0, str(ROOT))
 
 from umae_plugin.analysis import paired  # noqa: E402
-from umae_plugin.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+# the batched on-device crop / flip and the exact normalisation live in the package (one implementation)
+from umae_plugin.data import gpu_augment  # noqa: E402
+from umae_plugin.data import normalize_pixels as normalize  # noqa: E402
 from umae_plugin.engine_pretrain import (LatentTap, OnlineProbe, evaluate_probe, fixed_images,  # noqa: E402
                                          measure_collapse)
 from umae_plugin.linprobe_cached import probe_features  # noqa: E402
@@ -283,62 +285,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     np.savez(tmp, **arrays)
     tmp.replace(out)
     log(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB)")
-
-
-# ---------------------------------------------------------------------------------------------
-# augmentation on the device, batched
-
-
-_MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # per device, copied once
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] pixel values 0..255 (uint8 or float) -> float32 normalised by ImageNet mean / std,
-    as the package's transforms (`ToTensor` then `Normalize`). The constants are copied to the device
-    once: a host-to-device copy in every step would synchronise the host with the device."""
-    if x.device not in _MEAN_STD:
-        _MEAN_STD[x.device] = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).mul(255).to(x.device),
-                               torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).mul(255).to(x.device))
-    mean, std = _MEAN_STD[x.device]
-    return (x.float() - mean) / std
-
-
-def crop_flip_params(n: int, generator: torch.Generator, *, scale: tuple[float, float] = (0.2, 1.0),
-                     ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5) -> torch.Tensor:
-    """Affine matrices [n, 2, 3] (float32, on the generator's device) mapping output coordinates to
-    input coordinates in `F.affine_grid`'s normalised [-1, 1] frame: per sample one draw of the area
-    fraction (uniform in `scale`), the aspect ratio (log-uniform in `ratio`), the box's position
-    (uniform where it fits) and a horizontal flip (probability `flip_p`). Width and height, as
-    fractions of the image's, are clamped to 1. A box [x0, x0 + w] (fractions) maps output u in
-    [-1, 1] to x = w * u + (2 * x0 + w - 1); a flip negates w (mirror about the box's centre)."""
-    u = torch.rand(n, 5, generator=generator, device=generator.device)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
-    aspect = log_r.exp()
-    w = (area * aspect).sqrt().clamp(max=1.0)
-    h = (area / aspect).sqrt().clamp(max=1.0)
-    x0, y0 = u[:, 2] * (1 - w), u[:, 3] * (1 - h)
-    sx = torch.where(u[:, 4] < flip_p, -w, w)
-    theta = torch.zeros(n, 2, 3, device=generator.device)
-    theta[:, 0, 0], theta[:, 0, 2] = sx, 2 * x0 + w - 1
-    theta[:, 1, 1], theta[:, 1, 2] = h, 2 * y0 + h - 1
-    return theta
-
-
-def resized_crop(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [B, 3, H, W] and `crop_flip_params` [B, 2, 3] -> float32 [B, 3, size, size], values
-    0..255: bicubic resampling (as the MAE pre-training transform), edge pixels repeated, clamped."""
-    grid = F.affine_grid(theta, [images.shape[0], images.shape[1], size, size], align_corners=False)
-    out = F.grid_sample(images.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
-    return out.clamp_(0, 255)
-
-
-def gpu_augment(images: torch.Tensor, generator: torch.Generator, size: int,
-                scale: tuple[float, float] = (0.2, 1.0)) -> torch.Tensor:
-    """The MAE pre-training augmentation on a batch: uint8 [B, 3, H, W] -> normalised float32
-    [B, 3, size, size]. All draws come from `generator`: the same generator state gives the same
-    batch."""
-    return normalize(resized_crop(images, crop_flip_params(len(images), generator, scale=scale), size))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,19 @@
 """MAE vs U-MAE on CIFAR-10 with paired seeds (CPU budget): three arms x three seeds, then the
-paired differences with 95% t intervals.
+paired differences with 95% t intervals; M-MAE as an optional fourth arm.
 
     python recipes/cifar10_paired.py run              # all nine runs; skips those already in the CSV
+    python recipes/cifar10_paired.py run --arms mae,umae_cls,umae_mean,mmae_cls   # with the M-MAE arm
     python recipes/cifar10_paired.py report           # docs/results/cifar10_paired.md from the CSV
     SMOKE=1 python recipes/cifar10_paired.py run --out /tmp/smoke   # digits, tiny model, one seed (CI)
 
 Setting (the evidence issue's): ViT-Tiny, 32 px, patch 4, 128-d 2-block decoder, norm-pix, mask
 0.75, batch 128, weight decay 0.05, lr 1e-3, 1 warm-up epoch, 4 epochs. Arms: MAE (lambda 0),
 U-MAE on the class token (`--unif_pool cls`, the U-MAE reference's feature) and U-MAE on the mean of
-the patch tokens (this project's default), lambda 0.01. Seeds 0, 1, 2: the same seed gives the same
-initialisation, data order and augmentations in every arm, so arms are compared pair by pair.
+the patch tokens (this project's default), lambda 0.01. Optional (`--arms`): M-MAE (`mmae_cls`: the
+coding-rate term `--reg TCR`, mu 3, lambda 0.01, on the class token as M-MAE uses; its training-batch
+term value goes to the `train_loss_tcr` column, empty for the other arms). Seeds 0, 1, 2: the same seed
+gives the same initialisation, data order and augmentations in every arm, so arms are compared pair
+by pair.
 Online probe on (evaluated at the end on masked and unmasked val views); effective ranks and
 uniformity of 1024 fixed val images at initialisation and at the end; then the cached-feature
 linear probe (class token and mean pooling, lr picked on a held-out 10% of the training set) and
@@ -20,7 +24,9 @@ re-encoded, so pixel values differ slightly from the original PNG/pickle release
 outside the work tree (`$UMAE_DATA`, default /tmp/umae-data). Run folders live outside the work tree
 too (`--out`, default /tmp/umae-runs/cifar10_paired); every step resumes (`--resume auto`), so an
 interrupted recipe is simply started again. Each finished run appends one row to the CSV (one row
-per arm and seed); with `--commit` the CSV is committed after every run.
+per arm and seed); with `--commit` the CSV is committed after every run. Columns added since a CSV
+was started (`train_loss_tcr`) are appended to its header when the first row that has them is
+written; older rows read them as empty.
 """
 from __future__ import annotations
 
@@ -48,7 +54,11 @@ ARMS = {  # name -> pre-training flags that differ between arms
     "mae": ["--lambda_unif", "0"],
     "umae_cls": ["--lambda_unif", "0.01", "--unif_pool", "cls"],
     "umae_mean": ["--lambda_unif", "0.01", "--unif_pool", "mean"],
+    "mmae_cls": ["--lambda_unif", "0.01", "--unif_pool", "cls", "--reg", "TCR", "--uniformity_mu", "3"],
 }
+DEFAULT_ARMS = ("mae", "umae_cls", "umae_mean")  # mmae_cls on request (--arms)
+LABELS = {"mae": ("MAE", "MAE"), "umae_cls": ("U-MAE cls", "cls"), "umae_mean": ("U-MAE mean", "mean"),
+          "mmae_cls": ("M-MAE cls", "M-MAE cls")}  # arm -> (table column, short name in differences)
 SEEDS = (0,) if SMOKE else (0, 1, 2)
 
 MODEL = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "4", "--decoder_embed_dim", "128",
@@ -73,7 +83,9 @@ PRETRAIN_KEYS = [
 INIT_KEYS = ["effective_rank_init_mean", "effective_rank_init_cls", "effective_rank_centered_init_mean",
              "effective_rank_centered_init_cls", "unif_init_mean", "unif_init_cls"]
 PROBE_KEYS = ["test_acc1_mean", "test_acc1_cls", "knn_acc1_mean", "knn_acc1_cls", "probe_lr"]
-COLUMNS = ["arm", "seed", "epochs", *PRETRAIN_KEYS, *INIT_KEYS, *PROBE_KEYS, "pretrain_s", "probe_s"]
+TERM_KEYS = ["train_loss_tcr"]  # arm-specific: M-MAE's term (empty for the other arms)
+# New columns go at the end: rows appended by an older copy of this recipe stay aligned.
+COLUMNS = ["arm", "seed", "epochs", *PRETRAIN_KEYS, *INIT_KEYS, *PROBE_KEYS, "pretrain_s", "probe_s", *TERM_KEYS]
 PERCENT = {"online_probe_masked_acc1", "online_probe_unmasked_acc1"}  # fractions in the pre-training log
 
 
@@ -92,20 +104,37 @@ def data_root() -> Path:
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
+    """The CSV's rows; a column a row lacks (an older header, or a shorter row) reads as ""."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return [{k: v if v is not None else "" for k, v in r.items() if k is not None} for r in csv.DictReader(f)]
+
+
+def read_header(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
 
 
 def append_row(path: Path, row: dict) -> None:
-    new = not path.is_file()
+    """Append `row`; a CSV started with fewer columns first gets the missing ones appended to its
+    header (its rows rewritten with them empty, atomically), so the file stays one table."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
+    header = read_header(path) if path.is_file() else []
+    fields = header + [c for c in COLUMNS if c not in header]
+    if header and fields != header:
+        rows = read_rows(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in COLUMNS})
+            writer.writerows({k: r.get(k, "") for k in fields} for r in rows)
+        os.replace(tmp, path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if not header:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in fields})
 
 
 def log_lines(folder: Path) -> list[dict]:
@@ -129,7 +158,7 @@ def one_run(arm: str, seed: int, out: Path) -> dict:
                       "--output_dir", str(folder), "--log_dir", str(folder), "--resume", "auto"])
     lines = log_lines(folder)
     row: dict = {"arm": arm, "seed": seed, "epochs": EPOCHS}
-    row.update({k: lines[-1].get(k, "") for k in PRETRAIN_KEYS})
+    row.update({k: lines[-1].get(k, "") for k in [*PRETRAIN_KEYS, *TERM_KEYS]})
     row.update({k: lines[0].get(k, "") for k in INIT_KEYS})
     for k in PERCENT:
         if row[k] != "":
@@ -137,7 +166,7 @@ def one_run(arm: str, seed: int, out: Path) -> dict:
     probe = folder / "linprobe"
     probe_s = run([sys.executable, "main_linprobe.py", "--model", "vit_tiny_patch16",
                    "--finetune", str(folder / "checkpoint-last.pth"), "--cache_features", "--lr_search",
-                   *(["--global_pool"] if arm != "umae_cls" else ["--cls_token"]), *data, "--nb_classes", "10",
+                   *(["--cls_token"] if arm.endswith("_cls") else ["--global_pool"]), *data, "--nb_classes", "10",
                    "--epochs", "100", "--warmup_epochs", "10", "--batch_size", "256", "--lr", "1.0",
                    "--seed", str(seed), "--device", "cpu", "--num_workers", workers,
                    "--output_dir", str(probe), "--log_dir", str(probe), "--resume", "auto"])
@@ -162,7 +191,7 @@ def commit(path: Path, message: str) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     done = {(r["arm"], int(r["seed"])) for r in read_rows(args.csv)}
     for seed in SEEDS:  # seed-major: each finished seed completes a pair as early as possible
-        for arm in ARMS:
+        for arm in args.arms:
             if (arm, seed) in done:
                 print(f"skip {arm} seed {seed}: in {args.csv}", flush=True)
                 continue
@@ -185,9 +214,10 @@ REPORTED = [("test_acc1_mean", "linear probe, mean pool (%)"), ("test_acc1_cls",
             ("effective_rank_centered_mean", "centred effective rank, mean pool"),
             ("effective_rank_centered_cls", "centred effective rank, class token"),
             ("unif_mean", "uniformity loss, mean pool"), ("unif_cls", "uniformity loss, class token"),
-            ("train_loss_mae", "reconstruction loss (last epoch, train)")]
+            ("train_loss_mae", "reconstruction loss (last epoch, train)"),
+            ("train_loss_tcr", "TCR term, mu 3 (last epoch, train)")]
 PER_SEED = ["test_acc1_mean", "test_acc1_cls", "knn_acc1_mean", "knn_acc1_cls", "online_probe_masked_acc1",
-            "online_probe_unmasked_acc1", "effective_rank_mean", "effective_rank_cls", "probe_lr"]
+            "online_probe_unmasked_acc1", "effective_rank_mean", "effective_rank_cls", "probe_lr", "train_loss_tcr"]
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -195,30 +225,39 @@ def cmd_report(args: argparse.Namespace) -> None:
     if not rows:
         sys.exit(f"error: {args.csv}: no runs yet")
     seeds = sorted({int(r["seed"]) for r in rows})
+    # the default arms, any other asked for or present; arm-specific measures only when some row has them
+    arms = [a for a in ARMS if a in DEFAULT_ARMS or a in args.arms or any(r["arm"] == a for r in rows)]
+    others = [a for a in arms if a != "mae"]
+    present = {k for r in rows for k, v in r.items() if v not in ("", None)}
+    reported = [(k, label) for k, label in REPORTED if k not in TERM_KEYS or k in present]
+    per_seed = [k for k in PER_SEED if k not in TERM_KEYS or k in present]
+
     def digits(key: str) -> int:  # losses and uniformity values sit near 1: three decimals
         return 3 if key.startswith(("unif", "train_loss")) else 2
 
     def cell(r: dict, key: str) -> str:
         return f"{float(r[key]):.{digits(key)}f}" if r.get(key) not in ("", None) else "-"
     lines = [f"CIFAR-10, ViT-Tiny (32 px, patch 4), {EPOCHS} pre-training epochs, paired seeds {seeds}; "
-             f"{len(rows)} of {len(ARMS) * len(SEEDS)} runs in `{args.csv.name}` (`python recipes/cifar10_paired.py "
+             f"{len(rows)} of {len(arms) * len(SEEDS)} runs in `{args.csv.name}` (`python recipes/cifar10_paired.py "
              "report`). Linear probes: cached features, lr picked on a held-out 10% of the training set "
              "(`probe_lr`), 100 epochs; accuracies on the 10,000 val images (one accuracy's binomial standard "
              "error is about 0.5 points).", "",
-             "Per seed:", "", "| arm | seed | " + " | ".join(PER_SEED) + " |", "|---|---|" + "---|" * len(PER_SEED)]
+             "Per seed:", "", "| arm | seed | " + " | ".join(per_seed) + " |", "|---|---|" + "---|" * len(per_seed)]
     for r in sorted(rows, key=lambda r: (int(r["seed"]), list(ARMS).index(r["arm"]))):
-        lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(cell(r, k) for k in PER_SEED) + " |")
+        lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(cell(r, k) for k in per_seed) + " |")
+    shorts = [LABELS[a][1] for a in others]
     lines += ["", "Per arm: mean over seeds. Paired difference: arm minus MAE on the same seed, mean and 95% t "
               "interval over the pairs. Detectable: the true difference a paired t test at 5% would find with "
               "80% power given the pairs' spread ((t_0.975 + t_0.80) sd / sqrt(n)).", "",
-              "| measure | MAE | U-MAE cls | U-MAE mean | cls - MAE | mean - MAE | detectable (cls, mean) |",
-              "|---|---|---|---|---|---|---|"]
-    for key, label in REPORTED:
+              "| measure | " + " | ".join(LABELS[a][0] for a in arms) + " | "
+              + " | ".join(f"{short} - MAE" for short in shorts) + f" | detectable ({', '.join(shorts)}) |",
+              "|---|" + "---|" * (len(arms) + len(others) + 1)]
+    for key, label in reported:
         means = []
-        for arm in ARMS:
+        for arm in arms:
             vals = [float(r[key]) for r in rows if r["arm"] == arm and r.get(key) not in ("", None)]
             means.append(f"{statistics.fmean(vals):.{digits(key)}f}" if vals else "-")
-        diffs = [paired.paired_differences(rows, arm, key) for arm in ("umae_cls", "umae_mean")]
+        diffs = [paired.paired_differences(rows, arm, key) for arm in others]
         detect = [paired.detectable_difference(d) for d in diffs]
         intervals = " | ".join(paired.format_interval(d, digits(key)) for d in diffs)
         lines.append(f"| {label} | {' | '.join(means)} | {intervals} | "
@@ -229,6 +268,15 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def arm_list(text: str) -> list[str]:
+    """`mae,umae_cls,umae_mean,mmae_cls` -> the arms, each known and once."""
+    arms = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms or len(set(arms)) != len(arms):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct arms from {', '.join(ARMS)}")
+    return arms
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "report"])
@@ -237,6 +285,8 @@ def main() -> None:
     p.add_argument("--csv", type=Path, default=None,
                    help="one row per arm and seed (default: docs/results/cifar10_paired.csv; <out>/smoke.csv with SMOKE=1)")
     p.add_argument("--commit", action="store_true", help="git-commit the CSV after every finished run")
+    p.add_argument("--arms", type=arm_list, default=list(DEFAULT_ARMS), metavar="ARM,ARM,...",
+                   help=f"arms to run, in this order (known: {', '.join(ARMS)}); the report adds any arm in the CSV")
     args = p.parse_args()
     if args.csv is None:
         args.csv = args.out / "smoke.csv" if SMOKE else ROOT / "docs" / "results" / "cifar10_paired.csv"

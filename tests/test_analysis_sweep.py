@@ -76,3 +76,47 @@ def test_sweep_cli_sorted_by_lambda(tmp_path, capsys):
          "--output_dir", str(tmp_path / "out2")])
     rows2 = list(csv.DictReader(open(tmp_path / "out2" / "sweep.csv")))
     assert [r["run"] for r in rows2] == ["lambda_unif=0", "lambda_unif=0.01"]
+
+
+def make_term_sweep(root):
+    """The launcher's `--sweep lambda_unif=0,0.01 --sweep reg=square,TCR` folders, with and without
+    args.json, and an M-MAE run with mu 3 named by `uniformity_lamda`."""
+    runs = {
+        "lambda_unif=0,reg=square": ({"lambda_unif": 0.0, "reg": "square"}, {"train_loss_mae": 0.6}),
+        "lambda_unif=0.01,reg=square": ({"lambda_unif": 0.01, "reg": "spectral"}, {"train_loss_unif": 0.3}),
+        "lambda_unif=0.01,reg=TCR": ({"lambda_unif": 0.01, "reg": "TCR", "uniformity_mu": 1.0, "centering": True},
+                                     {"train_loss_tcr": -20.0}),
+        "lambda_unif=0.01,reg=TCR,uniformity_lamda=3": (None, {"train_loss_tcr": -35.0}),
+        "mae": ({"lambda_unif": 0.0}, {"train_loss_mae": 0.61}),
+    }
+    for name, (stored, line) in runs.items():
+        write_lines(root / name / "log.txt", [{"epoch": 0, "train_loss": 0.5, "effective_rank_mean": 3.0, **line}])
+        if stored is not None:
+            (root / name / "args.json").write_text(json.dumps(stored))
+
+
+def test_sweep_reads_the_term_from_args_or_folder_name(tmp_path):
+    make_term_sweep(tmp_path)
+    row = sweep.summarize_run(tmp_path / "lambda_unif=0.01,reg=TCR,uniformity_lamda=3")  # the name only
+    assert (row["lambda_unif"], row["reg"], row["uniformity_mu"], row["centering"]) == (0.01, "TCR", 3.0, False)
+    assert row["train_loss_tcr"] == -35.0 and row["train_loss_unif"] is None
+    row = sweep.summarize_run(tmp_path / "lambda_unif=0.01,reg=TCR")
+    assert (row["reg"], row["uniformity_mu"], row["centering"]) == ("TCR", 1.0, True)
+    row = sweep.summarize_run(tmp_path / "lambda_unif=0.01,reg=square")  # args.json wins; spectral means square
+    assert (row["reg"], row["uniformity_mu"], row["centering"]) == ("square", None, None)
+    assert sweep.summarize_run(tmp_path / "mae")["reg"] == "none"  # lambda 0 and no term named: plain MAE
+
+
+def test_sweep_cli_orders_terms_and_plots_one_series_each(tmp_path):
+    make_term_sweep(tmp_path / "job")
+    out = tmp_path / "out"
+    cli(["sweep", "--sweep_dir", str(tmp_path / "job"), "--output_dir", str(out)])
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [(r["lambda_unif"], r["reg"], r["uniformity_mu"]) for r in rows] == [
+        ("0.0", "none", ""), ("0.0", "square", ""), ("0.01", "square", ""), ("0.01", "TCR", "1.0"),
+        ("0.01", "TCR", "3.0")]
+    assert rows[4]["train_loss_tcr"] == "-35.0" and rows[3]["centering"] == "True"
+    assert "| run | lambda_unif | reg | uniformity_mu |" in (out / "sweep.md").read_text()
+    assert Image.open(out / "sweep.png").size == (1200, 400)
+    labels = {sweep.term_label(sweep.summarize_run(p)) for p in sweep.find_runs(tmp_path / "job")}
+    assert labels == {"none", "square", "TCR mu=1 centred", "TCR mu=3"}

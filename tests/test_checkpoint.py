@@ -385,6 +385,21 @@ def test_old_format_with_namespace_args_goes_through_inference(tmp_path, family)
     assert_same_model(src, ckpt.load_model(path))
 
 
+def test_reference_style_args_name_the_term():
+    """M-MAE's and the U-MAE reference's stored args spell the weight `lamb` and name the term with
+    `reg` (`TCR` with `uniformity_mu`, `centering`; `spectral` meaning `square`): inference reads them."""
+    src = family_model("umae")
+    saved = argparse.Namespace(**{**vars(old_args("umae")), "lambda_unif": None})
+    del saved.lambda_unif
+    tcr = argparse.Namespace(**vars(saved), lamb=0.02, reg="TCR", uniformity_mu=3.0, centering=False)
+    record = ckpt.infer_model_args(src.state_dict(), tcr)
+    assert {k: record["kwargs"][k] for k in ("lambda_unif", "reg", "uniformity_mu", "centering")} == {
+        "lambda_unif": 0.02, "reg": "TCR", "uniformity_mu": 3.0, "centering": False}
+    assert ckpt.build_model(record).reg == "TCR"
+    spectral = ckpt.infer_model_args(src.state_dict(), argparse.Namespace(**vars(saved), lamb=0.05, reg="spectral"))
+    assert spectral["kwargs"]["lambda_unif"] == 0.05 and spectral["kwargs"]["reg"] == "square"
+
+
 def official_shaped(kind):
     """Standard widths (192: 3 heads; decoder 512: 16 heads), so the shapes tell everything."""
     torch.manual_seed(0)
@@ -481,3 +496,50 @@ def test_stored_model_names_map_onto_the_weights_family():
     assert ckpt.infer_model_args(simmim, {"model": "usimmim_vit_micro"})["name"] == "usimmim_vit_micro"
     assert ckpt.infer_model_args(simmim, {"model": "usimmim_vit_micro", "lambda_unif": 0})["name"] == "simmim_vit_micro"
     assert ckpt.infer_model_args(simmim, {"model": "mae_vit_micro"})["name"].startswith("simmim_vit_")
+
+
+# ---------------------------------------------------------------------------------------------
+# folders (timm's local-dir and HF transformers layouts) and .safetensors files
+
+
+def test_safetensors_file_and_folders_read_like_checkpoints(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = mae()
+    save_file(src.state_dict(), str(tmp_path / "weights.safetensors"))
+    report = ckpt.load_pretrained(mae(), tmp_path / "weights.safetensors")
+    assert report.fresh == []
+    folder = tmp_path / "timm"
+    folder.mkdir()
+    clf = vit(num_classes=0, global_pool=True, fc_norm=False)
+    save_file(clf.state_dict(), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text('{"architecture": "vit_base_patch16_224", "model_args": {"num_heads": 4}}')
+    obj = ckpt.torch_load(folder)
+    assert obj["args"] == {"num_heads": 4}
+    rebuilt = ckpt.load_model(folder)  # the heads from timm's model_args, not guessed
+    assert rebuilt.blocks[0].attn.num_heads == 4 and encoder_equal(rebuilt, clf)
+
+
+@pytest.mark.parametrize("config, weights, message", [
+    (None, True, r"Is a directory, and no timm or HF transformers checkpoint folder \(no config.json\)"),
+    ("{not json", True, "cannot read it as JSON"),
+    ('{"model_type": "bert"}', True, "model_type 'bert', not 'vit_mae'"),
+    ('{"architecture": "vit_base_patch16_224"}', False, "no weights"),
+])
+def test_folders_that_are_not_checkpoints_name_the_problem(tmp_path, config, weights, message):
+    from safetensors.torch import save_file
+
+    if config is not None:
+        (tmp_path / "config.json").write_text(config)
+    if weights:
+        save_file(mae().state_dict(), str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError, match=message) as err:
+        ckpt.read_checkpoint(tmp_path, "--finetune")
+    assert str(err.value).startswith(f"--finetune {tmp_path}") and "\n" not in str(err.value)
+
+
+def test_a_corrupt_safetensors_file_names_the_file(tmp_path):
+    (tmp_path / "w.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(UserError, match="w.safetensors: not a readable safetensors file"):
+        ckpt.torch_load(tmp_path / "w.safetensors")

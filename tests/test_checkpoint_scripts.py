@@ -87,7 +87,8 @@ def test_pretrain_checkpoint_rebuilds_the_trained_model(tmp_path, monkeypatch):
     obj = assert_rebuilt(tmp_path / "checkpoint-last.pth", trained)
     assert obj["model_args"] == {"name": "umae_vit_micro", "kwargs": {
         "img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 16,
-        "decoder_depth": 1, "decoder_num_heads": 2, "norm_pix_loss": True, "lambda_unif": 0.02, "unif_pool": "mean"}}
+        "decoder_depth": 1, "decoder_num_heads": 2, "norm_pix_loss": True, "lambda_unif": 0.02, "unif_pool": "mean",
+        "reg": "square", "uniformity_mu": 1.0, "centering": False}}
     assert obj["args"]["model"] == "umae_vit_micro" and obj["args"]["mask_ratio"] == 0.75
 
 

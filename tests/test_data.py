@@ -205,7 +205,7 @@ def test_corrupt_image_is_skipped_counted_and_warned_once(folder, caplog):
     bad.write_bytes(b"definitely not a png" * 10)
     ds = build_dataset("imagefolder", folder, "train", eval_transform(16))
     before = num_bad_images()
-    with caplog.at_level(logging.WARNING, logger=data.__name__):
+    with caplog.at_level(logging.WARNING, logger=data.log.name):
         img, target = ds[4]
         again, _ = ds[4]
     # replaced by the next sample (index 5), the same every time

@@ -1,5 +1,6 @@
 """Two gloo processes on the CPU: the U-MAE loss and DDP gradients equal one process on the
-concatenated batch (the U-MAE reference's gather would give the uniformity term 1/2 the weight)."""
+concatenated batch (the U-MAE reference's gather would give the uniformity term 1/2 the weight); the
+uniformity family's terms in both gather modes (`global` equal, `reference` half)."""
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from umae_plugin import distributed
+from umae_plugin.losses import coding_rate_loss, uniformity_loss
 from umae_plugin.models_umae import UMAEViT
 
 KW = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
@@ -23,7 +25,7 @@ BATCH, LAMBDA = 6, 0.5
 class FixedNoiseUMAE(UMAEViT):
     """Masks drawn from `self.noise` so that each rank's masks equal its slice of the full batch's."""
 
-    def random_masking(self, x, mask_ratio):
+    def random_masking(self, x, mask_ratio, noise=None):  # the model's own `noise` argument, if any, is ignored
         n, length, dim = x.shape
         keep = int(length * (1 - mask_ratio))
         ids_shuffle = torch.argsort(self.noise, dim=1)
@@ -85,6 +87,81 @@ def test_ddp_equals_single_process(tmp_path):
     for name, p in single.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# the uniformity family's gather modes: `global` is exact on any number of ranks, `reference` (the
+# U-MAE / M-MAE code's gather) gives the term 1/world_size of that gradient
+
+
+TERMS = {
+    "square": lambda f, gather: uniformity_loss(f, gather=gather),
+    "tcr": lambda f, gather: coding_rate_loss(f, mu=3.0, gather=gather),
+    "tcr_centred": lambda f, gather: coding_rate_loss(f, mu=3.0, centering=True, gather=gather),
+}
+
+
+def term_inputs():
+    return torch.randn(BATCH, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def term_encoder():
+    torch.manual_seed(0)
+    return torch.nn.Linear(7, 5).double()
+
+
+def term_grads(model, x, term, gather):
+    """Gradients of the encoder's parameters for `term` of its features of `x`."""
+    model.zero_grad()
+    loss = TERMS[term](model(x), gather)
+    loss.backward()
+    params = getattr(model, "module", model).named_parameters()
+    return loss.detach(), {n: p.grad.clone() for n, p in params}
+
+
+def term_worker(rank, world, port, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x = term_inputs()[rank * BATCH // world:(rank + 1) * BATCH // world]
+        model = DistributedDataParallel(term_encoder())  # averages the parameters' gradients over ranks
+        results = {(term, mode): term_grads(model, x, term, mode) for term in TERMS for mode in distributed.GATHER_MODES}
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_terms(tmp_path_factory):
+    out = tmp_path_factory.mktemp("terms") / "rank0.pt"
+    mp.spawn(term_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("term", list(TERMS))
+def test_global_gather_equals_one_process(two_rank_terms, term):
+    loss, grads = two_rank_terms[(term, "global")]
+    single_loss, single = term_grads(term_encoder(), term_inputs(), term, True)
+    torch.testing.assert_close(loss, single_loss, rtol=1e-10, atol=0)
+    for name in single:
+        torch.testing.assert_close(grads[name], single[name], rtol=1e-6, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("term", list(TERMS))
+def test_reference_gather_gives_one_over_world_size(two_rank_terms, term):
+    loss, grads = two_rank_terms[(term, "reference")]
+    single_loss, single = term_grads(term_encoder(), term_inputs(), term, True)
+    torch.testing.assert_close(loss, single_loss, rtol=1e-10, atol=0)  # the same value, forward
+    for name in single:
+        torch.testing.assert_close(grads[name], single[name] / 2, rtol=1e-6, atol=0, msg=name)
+
+
+def test_gather_modes_in_one_process():
+    x = torch.randn(3, 2, requires_grad=True)
+    for mode in distributed.GATHER_MODES:
+        assert distributed.gather_features(x, mode) is x
+    with pytest.raises(ValueError, match="unknown gather mode"):
+        distributed.gather_features(x, "local")
 
 
 def test_single_process_helpers():

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"pretrain": (main_pretrain, pretrain), "linprobe": (main_linprobe, linprobe),
            "finetune": (main_finetune, finetune)}
 CONSOLE_SCRIPTS = {"umae-pretrain", "umae-linprobe", "umae-finetune", "umae-submit", "umae-analysis",
-                   "umae-quickstart"}
+                   "umae-quickstart", "umae-export"}
 
 
 def console_scripts() -> dict[str, str]:

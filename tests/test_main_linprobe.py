@@ -391,3 +391,23 @@ def test_new_flags_are_grouped_and_off_by_default():
     args = parser.parse_args([])
     assert args.lr_search is False and args.baselines is False and args.cache_features is False
     assert parser.parse_args(["--blr", "0.3"]).blr == 0.3  # upstream's --blr keeps its meaning
+
+
+def test_finetune_takes_an_exported_folder(tmp_path, folder, monkeypatch):
+    """`--finetune` reads a folder as the loaders do (here timm's local-dir layout written by
+    `umae_plugin.export`): the probe's encoder starts from exactly the exported weights."""
+    from umae_plugin.export import export_checkpoint
+
+    torch.manual_seed(0)
+    small = dict(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    pre = create_model("mae_vit_tiny_patch16", decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, **small)
+    path = tmp_path / "pre.pth"
+    from umae_plugin.registry import resolved_kwargs
+
+    record = ckpt.model_args("mae_vit_tiny_patch16", resolved_kwargs(pre))
+    torch.save({"model": pre.state_dict(), "epoch": 0, ckpt.MODEL_ARGS_KEY: record}, path)
+    exported = export_checkpoint(path, tmp_path / "timm", "timm")
+    seen = spy_model(monkeypatch)
+    main_linprobe.main(probe_args(tmp_path / "out", data_path=folder, finetune=exported, model="mae_vit_tiny_patch16"))
+    encoder = {k: v for k, v in pre.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    assert all(torch.equal(seen["init"][k], v) for k, v in encoder.items())

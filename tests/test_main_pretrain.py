@@ -8,6 +8,7 @@ import torch
 
 import main_pretrain
 from umae_plugin import checkpoint as ckpt
+from umae_plugin import pretrain
 from umae_plugin.data import make_synthetic_imagefolder
 from umae_plugin.models_mae import MaskedAutoencoderViT
 
@@ -211,3 +212,90 @@ def test_resumed_run_does_not_measure_at_init(tmp_path):
     first, second = log_lines(tmp_path)
     assert all(k in first for k in INIT_KEYS) and not any(k in second for k in INIT_KEYS)
     assert all(k in second for k in COLLAPSE_KEYS)
+
+
+# ---------------------------------------------------------------------------------------------
+# the uniformity family: M-MAE's command line and its flags
+
+
+MMAE_FLAGS = ["--batch_size", "128", "--model", "mae_vit_tiny_patch16", "--norm_pix_loss", "--mask_ratio", "0.75",
+              "--epochs", "1", "--warmup_epochs", "1", "--blr", "1.5e-4", "--weight_decay", "0.05",
+              "--data_path", "unused-by-digits", "--lamb", "1e-2", "--uniformity_mu", "3", "--reg", "TCR",
+              "--centering", "False"]
+TINY = ["--input_size", "32", "--patch_size", "4", "--embed_dim", "32", "--depth", "1", "--num_heads", "2",
+        "--decoder_embed_dim", "16", "--decoder_depth", "1", "--decoder_num_heads", "2"]
+
+
+@pytest.mark.slow  # a subprocess: about 30 s on a busy 2-core machine
+def test_mmae_documented_command_line_runs_on_digits(tmp_path):
+    """M-MAE's pretrain.sh (`torch.distributed.launch --nproc_per_node=8 main_pretrain.py ...`) with the
+    ImageNet model, data and epochs replaced by tiny ones; every M-MAE flag kept as spelled, and the
+    `--local-rank=0` torch.distributed.launch appends."""
+    out = tmp_path / "mmae"
+    proc = subprocess.run([sys.executable, "main_pretrain.py", *MMAE_FLAGS, "--output_dir", str(out), "--log_dir",
+                           str(out), *TINY, "--dataset", "digits", "--device", "cpu", "--num_workers", "0",
+                           "--erank_samples", "20", "--local-rank=0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = log_lines(out)[0]
+    assert "train_loss_unif" not in line and line["train_loss_tcr"] < 0
+    assert line["train_loss"] == pytest.approx(line["train_loss_mae"] + 0.01 * line["train_loss_tcr"], rel=1e-4)
+    record = ckpt.torch_load(out / "checkpoint-last.pth")["model_args"]
+    assert record["name"] == "umae_vit_tiny_patch16"
+    assert {k: record["kwargs"][k] for k in ("lambda_unif", "reg", "uniformity_mu", "centering")} == {
+        "lambda_unif": 0.01, "reg": "TCR", "uniformity_mu": 3.0, "centering": False}
+
+
+@pytest.mark.parametrize("flag", ["--local_rank=0", "--local-rank=0"])
+def test_torch_distributed_launch_flags_parse(flag):
+    args = parse(*MMAE_FLAGS, flag)
+    assert args.local_rank == 0 and args.lambda_unif == 0.01 and args.reg == "TCR"
+    assert args.uniformity_mu == 3.0 and args.centering is False
+
+
+def test_term_flags_resolve():
+    def checked(*argv):
+        return main_pretrain.check_args(main_pretrain.get_args_parser(), parse("--input_size", "32", *argv))
+
+    assert parse("--centering").centering is True and parse("--centering", "--reg", "TCR").centering is True
+    assert parse("--centering", "yes").centering is True and parse().centering is False
+    assert parse("--uniformity_lamda", "2").uniformity_mu == 2.0  # the spelling of copies of M-MAE's scripts
+    assert parse().reg is None and parse().unif_gather == "global" and parse().knn_freq == 0
+    for alias in ("spectral", "entropy"):  # the U-MAE reference's names of its term
+        assert checked("--model", "umae_vit_micro", "--reg", alias).reg == "square"
+    assert checked("--model", "mae_vit_micro", "--reg", "none", "--lamb", "0.5").lambda_unif == 0.0
+    args = checked("--model", "mae_vit_micro", "--reg", "TCR", "--lamb", "0.01", "--unif_gather", "reference")
+    record = pretrain.pretrain_model_args(args)
+    assert record["name"] == "umae_vit_micro" and record["kwargs"]["reg"] == "TCR"
+
+
+def test_term_with_lambda_zero_warns(caplog):
+    with caplog.at_level("WARNING"):
+        args = main_pretrain.check_args(main_pretrain.get_args_parser(),
+                                        parse("--model", "mae_vit_micro", "--input_size", "32", "--reg", "TCR"))
+    assert args.lambda_unif == 0.0 and "--reg TCR with lambda_unif 0" in caplog.text
+    assert pretrain.pretrain_model_args(args)["name"] == "mae_vit_micro"  # exactly MAE
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--centering", "maybe"], "expected a boolean"),
+    (["--uniformity_mu", "0"], "--uniformity_mu must be a finite number > 0"),
+    (["--reg", "logdet"], "invalid choice: 'logdet'"),
+    (["--unif_gather", "local"], "invalid choice: 'local'"),
+    (["--knn_freq", "-1"], "--knn_freq must be >= 0"),
+    (["--knn_freq", "1", "--knn_bank", "0"], "--knn_bank must be >= 1"),
+])
+def test_bad_term_and_knn_flags_exit_with_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main_pretrain.check_args(main_pretrain.get_args_parser(),
+                                 main_pretrain.get_args_parser().parse_args(["--input_size", "32", "--patch_size", "4",
+                                                                             *flags]))
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_resume_takes_the_term_from_the_checkpoint(tmp_path):
+    main_pretrain.main(micro_args(tmp_path, "--reg", "TCR", "--uniformity_mu", "3", "--centering"))
+    args = micro_args(tmp_path, "--epochs", "2", "--resume", "auto")  # no term flags: the checkpoint's
+    main_pretrain.main(args)
+    assert (args.reg, args.uniformity_mu, args.centering, args.lambda_unif) == ("TCR", 3.0, True, 0.01)
+    assert all("train_loss_tcr" in line for line in log_lines(tmp_path))

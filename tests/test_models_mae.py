@@ -142,3 +142,31 @@ def test_forward_features_is_unmasked_mean(tiny_kwargs):
     latent, _, _ = model.forward_encoder(imgs, 0.0)  # ratio 0 keeps every patch (shuffled)
     torch.testing.assert_close(model.forward_features(imgs), latent[:, 1:].mean(1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.forward_features(imgs, pool="cls"), latent[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_noise_gives_the_mask_and_draws_nothing(tiny_kwargs):
+    """HF transformers' `noise`: the `int(L * (1 - ratio))` patches of lowest noise are kept (the mask,
+    written out here from the ranks), the latent holds them in noise order, and no random number is
+    drawn; without it the draw is the reference's (test_reproduces_reference_outputs)."""
+    torch.manual_seed(0)
+    model = models_mae.MaskedAutoencoderViT(**tiny_kwargs).eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 64)
+    keep = int(64 * (1 - 0.75))
+    expected = (noise.argsort(1).argsort(1) >= keep).float()  # rank of each patch's noise; 1 = removed
+    state = torch.get_rng_state()
+    loss, pred, mask = model(imgs, 0.75, noise=noise)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(mask, expected)
+    latent, mask2, ids_restore = model.forward_encoder(imgs, 0.75, noise=noise)
+    assert torch.equal(mask2, expected) and torch.equal(ids_restore, noise.argsort(1).argsort(1))
+    order = noise.argsort(1)[:, :keep]  # kept patches, lowest noise first
+    tokens = model.patch_embed(imgs) + model.pos_embed[:, 1:]
+    full = model._encode_tokens(torch.gather(tokens, 1, order[..., None].expand(-1, -1, tokens.shape[-1])))
+    torch.testing.assert_close(latent, full, rtol=0, atol=0)
+    torch.manual_seed(1)
+    drawn = model(imgs, 0.75)[2]
+    torch.manual_seed(1)
+    assert torch.equal(model(imgs, 0.75, noise=torch.rand(2, 64))[2], drawn)  # noise = the draw it replaces
+    with pytest.raises(ValueError, match=r"noise has shape \(2, 63\); expected \[N, L\] = \[2, 64\]"):
+        model(imgs, 0.75, noise=torch.rand(2, 63))

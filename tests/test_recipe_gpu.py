@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from umae_plugin import data
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "cifar10_gpu.py"
 
@@ -74,7 +76,7 @@ def test_augment_is_seeded(recipe):
     c = recipe.gpu_augment(images, torch.Generator().manual_seed(8), 32)
     assert a.shape == (6, 3, 32, 32) and a.dtype == torch.float32
     assert torch.equal(a, b) and not torch.equal(a, c)
-    crop = recipe.resized_crop(images, recipe.crop_flip_params(6, torch.Generator().manual_seed(7)), 24)
+    crop = data.resized_crop(images, data.crop_flip_params(6, torch.Generator().manual_seed(7)), 24)
     assert crop.shape == (6, 3, 24, 24) and crop.dtype == torch.float32
     assert crop.min() >= 0 and crop.max() <= 255
 
@@ -82,10 +84,10 @@ def test_augment_is_seeded(recipe):
 def test_full_crop_without_flip_is_identity_and_flip_mirrors(recipe):
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     whole = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    same = recipe.resized_crop(images, recipe.crop_flip_params(4, torch.Generator(), flip_p=0.0, **whole), 32)
+    same = data.resized_crop(images, data.crop_flip_params(4, torch.Generator(), flip_p=0.0, **whole), 32)
     torch.testing.assert_close(same, images.float(), atol=1e-3, rtol=0)
     assert torch.equal(same.round().to(torch.uint8), images)
-    flipped = recipe.resized_crop(images, recipe.crop_flip_params(4, torch.Generator(), flip_p=1.0, **whole), 32)
+    flipped = data.resized_crop(images, data.crop_flip_params(4, torch.Generator(), flip_p=1.0, **whole), 32)
     assert torch.equal(flipped.round().to(torch.uint8), images.flip(-1))
 
 
@@ -93,9 +95,9 @@ def test_plain_crop_and_box_inside_image(recipe):
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     # the top-left 16x16 quarter at its own size: box [0, 0.5] x [0, 0.5] of the image -> pixels 0..15
     theta = torch.tensor([[0.5, 0.0, -0.5], [0.0, 0.5, -0.5]]).expand(2, 2, 3)
-    quarter = recipe.resized_crop(images, theta, 16)
+    quarter = data.resized_crop(images, theta, 16)
     assert torch.equal(quarter.round().to(torch.uint8), images[:, :, :16, :16])
-    theta = recipe.crop_flip_params(4096, torch.Generator().manual_seed(0), scale=(0.2, 1.0))
+    theta = data.crop_flip_params(4096, torch.Generator().manual_seed(0), scale=(0.2, 1.0))
     w, h = theta[:, 0, 0].abs(), theta[:, 1, 1]
     assert (w <= 1 + 1e-6).all() and (h <= 1 + 1e-6).all()
     # the box [t - s, t + s] lies inside [-1, 1] on both axes

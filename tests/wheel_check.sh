@@ -79,7 +79,7 @@ make_synthetic_imagefolder("images", num_classes=2, per_class=8)
 
 HELP = {"umae-submit": ["pretrain", "--help"]}
 scripts = [ep for ep in md.distribution("umae").entry_points if ep.group == "console_scripts"]
-assert len(scripts) == 6, scripts
+assert len(scripts) == 7, scripts
 for ep in scripts:
     assert shutil.which(ep.name), f"{ep.name} is not on PATH"
     fn = ep.load()

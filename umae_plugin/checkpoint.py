@@ -7,9 +7,11 @@ lack them are read off their shapes in one place (`infer_model_args`).
 Accepted sources (a path or an already loaded dict): official MAE checkpoints (`{"model": ...}`),
 their encoder-only pre-training files, visualisation files with the decoder, fine-tuned and
 linear-probe classifiers (head `head` or `head.0` BatchNorm / `head.1` Linear), U-MAE reference
-checkpoints (their online-probe `fc.*` / `fc_norm.*` are ignored), this project's checkpoints, and
-timm-format ViT weights (same key names). Every key is sorted into a group, each group has one
-rule, and the report says exactly what was loaded, initialised fresh, resampled or ignored.
+checkpoints (their online-probe `fc.*` / `fc_norm.*` are ignored), this project's checkpoints,
+timm-format ViT weights (same key names; also `.safetensors` files and timm's local-dir folders),
+and HF transformers `ViTMAEForPreTraining` / `ViTMAEModel` folders (`read_folder`, keys mapped by
+`hf`). Every key is sorted into a group, each group has one rule, and the report says exactly what
+was loaded, initialised fresh, resampled or ignored.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from timm.layers import resample_abs_pos_embed
 from . import registry
 from .errors import UsageError, UserError, one_line
 from .models_mae import ARCHS
+from .models_umae import REG_ALIASES, REGS
 
 log = logging.getLogger("umae.checkpoint")
 
@@ -78,12 +81,17 @@ class CheckpointMismatchError(UserError, ValueError):
 def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
     """`torch.load` with `weights_only=True`; `argparse.Namespace` (the `args` of upstream
     checkpoints) is allowed as a safe global. `mmap` reads tensors lazily (zip-format files; a
-    legacy-format file, which cannot be mapped, is read whole).
+    legacy-format file, which cannot be mapped, is read whole). A folder is read by `read_folder`
+    (timm and HF transformers layouts), a `.safetensors` file as its state dict.
 
     A file that cannot be loaded raises `UserError` naming the path and the cause: missing or
     unreadable, empty, a text file, not a checkpoint, truncated or corrupt, or refused as unsafe (a
     pickle that asks for anything beyond tensors, plain containers and `argparse.Namespace` is
     refused by the weights-only unpickler before any of it runs)."""
+    if os.path.isdir(path):
+        return read_folder(path, map_location)
+    if os.fspath(path).endswith(".safetensors"):
+        return _safetensors_load(path, map_location)
     try:
         with open(path, "rb") as f:
             head = f.read(_HEAD_BYTES)
@@ -172,6 +180,86 @@ def _looks_like_text(head: bytes) -> bool:
     return bool(decoded) and all(c.isprintable() or c in "\t\n\r\f\v" for c in decoded)
 
 
+def _safetensors_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=str(map_location))
+    except FileNotFoundError as err:
+        raise UserError(f"{path}: cannot read the checkpoint: no such file") from err
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"{path}: not a readable safetensors file ({type(err).__name__}: {first_line(err)})") from err
+
+
+# A folder's weights, in the order timm's local-dir loader and transformers look for them (an index
+# lists the shards of a sharded save).
+FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def read_folder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint folder as a checkpoint dict: `config.json` beside `model.safetensors` (or its
+    shards) or `pytorch_model.bin`, in one of two layouts.
+
+    - HF transformers `ViTMAEForPreTraining` / `ViTMAEModel` (`model_type` "vit_mae"): the weights
+      under this package's keys (`hf.from_hf_state_dict`), a "model_args" record read off them with
+      the config's heads, the config's heads and loss settings as "args", the config itself under
+      "hf_config" (`load_pretrained` / `load_model` check the model against it).
+    - timm's local-dir layout (`architecture`, `model_args`, `pretrained_cfg`; `export --to timm`
+      writes it): the weights (timm's ViT keys are ours), and `model_args`' encoder sizes
+      (`embed_dim`, `depth`, `num_heads`) as "args", as `main_pretrain.py` records them.
+    Anything else raises `UserError` naming the folder and what is missing."""
+    from . import hf
+
+    folder = Path(path)
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{folder}: cannot read the checkpoint: {os.strerror(errno.EISDIR)}, and no timm or HF "
+                        "transformers checkpoint folder (no config.json)") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{config_path}: cannot read it as JSON ({type(err).__name__}: {first_line(err)})") from err
+    if hf.is_hf_config(config):
+        try:
+            hf.check_supported(config)
+            state = hf.from_hf_state_dict(_folder_weights(folder, map_location))
+            args = hf.saved_args(config)
+            record = infer_model_args(state, args)
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(f"{folder}: {err}") from None
+        return {"model": state, "args": args, MODEL_ARGS_KEY: record, hf.CONFIG_KEY: config}
+    if isinstance(config, Mapping) and isinstance(config.get("architecture"), str):
+        model_args = config.get("model_args") if isinstance(config.get("model_args"), Mapping) else {}
+        return {"model": _folder_weights(folder, map_location),
+                "args": {k: model_args[k] for k in ("embed_dim", "depth", "num_heads") if k in model_args}}
+    kind = config.get("model_type") if isinstance(config, Mapping) else None
+    raise UserError(f"{config_path}: neither timm's (no 'architecture') nor an HF transformers ViTMAE config "
+                    f"(model_type {kind!r}, not {hf.MODEL_TYPE!r})")
+
+
+def _folder_weights(folder: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    name = next((n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
+    if name is None:
+        raise UserError(f"{folder}: no weights ({', '.join(FOLDER_WEIGHTS)}) beside config.json")
+    if not name.endswith(".index.json"):
+        return _weights_file(folder / name, map_location)
+    try:
+        shards = sorted(set(json.loads((folder / name).read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{folder / name}: not a shard index ({type(err).__name__}: {first_line(err)})") from err
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(_weights_file(folder / shard, map_location))
+    return state
+
+
+def _weights_file(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return _safetensors_load(path, map_location)
+    return extract_state_dict(torch_load(path, map_location))
+
+
 def read_checkpoint(path: str | os.PathLike, flag: str, mmap: bool = False) -> Any:
     """`torch_load` for a file named on the command line: a failure names the flag too
     (`--finetune PATH: a text file, ...`). With `mmap` tensors are read lazily where the format allows."""
@@ -240,9 +328,17 @@ def _load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping[str, 
     pre-training model's fixed sin-cos table, regenerated (the model's own table is kept); `norm`
     and the decoder load when present and of the right shape, else stay freshly initialised;
     `fc_norm` and `head` load only from a real classifier (one with `head.*`) whose head has the
-    model's structure and shapes; U-MAE online-probe keys (`fc.*`) are ignored.
+    model's structure and shapes; U-MAE online-probe keys (`fc.*`) are ignored. An HF transformers
+    source (a folder read by `read_folder`) is first checked against the model field by field
+    (`hf.check_config`: heads, widths, depths, ... raise; `layer_norm_eps` warns).
     """
-    src = extract_state_dict(source)
+    obj = torch_load(source) if isinstance(source, (str, os.PathLike)) else source
+    try:
+        src = extract_state_dict(obj)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(str(err).replace("<dict>", os.fspath(source))
+                                      if isinstance(source, (str, os.PathLike)) else str(err)) from None
+    _check_hf_config(model, obj, src)
     target = model.state_dict()
     src_is_classifier = any(_group(k) == "head" for k in src)
     report = LoadReport()
@@ -299,6 +395,15 @@ def _load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping[str, 
     model.load_state_dict(new_state, strict=True)
     log.info("checkpoint: %s", report)
     return report
+
+
+def _check_hf_config(model: nn.Module, checkpoint: Any, state: Mapping[str, torch.Tensor]) -> None:
+    """`hf.check_config` for a checkpoint read from an HF transformers folder; nothing for others."""
+    from . import hf
+
+    config = checkpoint.get(hf.CONFIG_KEY) if isinstance(checkpoint, Mapping) else None
+    if config is not None:
+        hf.check_config(model, config, decoder=any(_group(k) == "decoder" for k in state))
 
 
 def export_timm_state_dict(
@@ -455,6 +560,7 @@ def load_model(path_or_checkpoint: str | os.PathLike | Mapping[str, Any],
     except (ValueError, TypeError, AssertionError) as err:  # unregistered name, unknown keyword, heads vs width
         raise CheckpointMismatchError(f"cannot build {record['name']}: {first_line(err)}") from None
     state = _without_probe_keys(extract_state_dict(path_or_checkpoint), model.state_dict())
+    _check_hf_config(model, path_or_checkpoint, state)
     problems = _misfit(model.state_dict(), state)
     if problems:
         raise CheckpointMismatchError(f"the weights do not fit {record['name']}: {problems}")
@@ -491,8 +597,8 @@ def _misfit(target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor
 _HEADS_BY_WIDTH = {cfg["embed_dim"]: cfg["num_heads"] for cfg in ARCHS.values()}
 
 
-def infer_model_args(state_dict: Mapping[str, Any], saved_args: Mapping[str, Any] | argparse.Namespace | None = None
-                     ) -> dict[str, Any]:
+def infer_model_args(state_dict: Mapping[str, Any], saved_args: Mapping[str, Any] | argparse.Namespace | None = None,
+                     *, guess_heads: bool = True) -> dict[str, Any]:
     """The "model_args" record of a checkpoint that has none, from its weights (`state_dict`: a
     state dict, or a checkpoint dict holding one) and the run arguments stored beside them
     (`saved_args`: a Namespace or dict, or None).
@@ -508,7 +614,8 @@ def infer_model_args(state_dict: Mapping[str, Any], saved_args: Mapping[str, Any
     `norm_pix_loss`, `lambda_unif` and `unif_pool`. Without a usable name (none, unregistered, or
     not fitting the weights) a standard name of that family is used and the heads are guessed from
     the width (the standard ViT's, else width / 64; decoder 16 at 512, else width / 32), with a
-    warning. The record is checked against the weights on the meta device before it is returned."""
+    warning; with `guess_heads=False` a `CheckpointMismatchError` says the heads cannot be known
+    instead. The record is checked against the weights on the meta device before it is returned."""
     state = extract_state_dict(state_dict)
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"):
         if key not in state:
@@ -522,7 +629,8 @@ def infer_model_args(state_dict: Mapping[str, Any], saved_args: Mapping[str, Any
         except (ValueError, TypeError, AssertionError) as err:  # CheckpointMismatchError is a ValueError
             log.warning("the checkpoint's args name model %r, which does not fit its weights (%s): reading the "
                         "architecture from the shapes", saved.get("model"), first_line(err))
-    return _inferred_record(kind, _standard_name(kind, state, saved), state, saved, guess_heads=True)
+    return _inferred_record(kind, _standard_name(kind, state, saved), state, saved, guess_heads=True,
+                            may_guess=guess_heads)
 
 
 def _weights_kind(state: Mapping[str, torch.Tensor]) -> str:
@@ -535,10 +643,26 @@ def _weights_kind(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def _uniformity(saved: Mapping[str, Any], named_u: bool) -> float:
-    """The uniformity weight the run used: its `lambda_unif`, else the default for its name
-    (`registry.default_lambda`: 0.01 for `umae_*` / `usimmim_*`, else 0)."""
-    value = saved.get("lambda_unif")
+    """The uniformity weight the run used: its `lambda_unif` (`lamb` in the U-MAE / M-MAE reference's
+    args), else the default for its name (`registry.default_lambda`: 0.01 for `umae_*` / `usimmim_*`, else 0)."""
+    value = saved.get("lambda_unif", saved.get("lamb"))
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.01 * named_u
+
+
+def _term(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The uniformity family's term in stored args (`reg`, `uniformity_mu`, `centering`, as our
+    scripts and M-MAE's save them; the U-MAE reference's `spectral` / `entropy` mean `square`); {}
+    (the constructor's `square`) for args without one."""
+    reg = REG_ALIASES.get(saved.get("reg"), saved.get("reg"))
+    if reg not in REGS:
+        return {}
+    term: dict[str, Any] = {"reg": reg}
+    mu = saved.get("uniformity_mu")
+    if isinstance(mu, (int, float)) and not isinstance(mu, bool) and mu > 0:
+        term["uniformity_mu"] = float(mu)
+    if isinstance(saved.get("centering"), bool):
+        term["centering"] = saved["centering"]
+    return term
 
 
 def _saved_name(kind: str, saved: Mapping[str, Any]) -> str | None:
@@ -590,9 +714,13 @@ def _positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _guessed_heads(width: int, saved: Any, table: Mapping[int, int], per_head: int, what: str) -> int:
+def _guessed_heads(width: int, saved: Any, table: Mapping[int, int], per_head: int, what: str,
+                   may_guess: bool = True) -> int:
     if _positive_int(saved) and width % saved == 0:
         return saved
+    if not may_guess:
+        raise CheckpointMismatchError(f"{what} cannot be known: the checkpoint has no model_args and its args give "
+                                      f"no {what} or model name (heads change no weight's shape; not guessed)")
     heads = table.get(width) or max(1, width // per_head)
     while width % heads:
         heads -= 1
@@ -601,7 +729,7 @@ def _guessed_heads(width: int, saved: Any, table: Mapping[int, int], per_head: i
 
 
 def _inferred_record(kind: str, name: str, state: Mapping[str, torch.Tensor], saved: Mapping[str, Any],
-                     guess_heads: bool) -> dict[str, Any]:
+                     guess_heads: bool, may_guess: bool = True) -> dict[str, Any]:
     width = state["cls_token"].shape[-1]
     proj = state["patch_embed.proj.weight"]  # [D, C, p, p]
     patch = proj.shape[-1]
@@ -621,6 +749,7 @@ def _inferred_record(kind: str, name: str, state: Mapping[str, torch.Tensor], sa
         if _named_uniformity(name):
             unif_pool = saved.get("unif_pool")
             kwargs.update(lambda_unif=_uniformity(saved, True), unif_pool=unif_pool if isinstance(unif_pool, str) else "mean")
+            kwargs.update(_term(saved))
     else:
         linear = "head.1.weight" if "head.1.weight" in state else "head.weight"
         kwargs.update(num_classes=state[linear].shape[0] if linear in state else 0,
@@ -630,10 +759,10 @@ def _inferred_record(kind: str, name: str, state: Mapping[str, torch.Tensor], sa
         head = "batchnorm" if linear == "head.1.weight" else None
     heads = [k for k in ("num_heads", "decoder_num_heads") if k in kwargs]
     if guess_heads:
-        kwargs["num_heads"] = _guessed_heads(width, kwargs["num_heads"], _HEADS_BY_WIDTH, 64, "num_heads")
+        kwargs["num_heads"] = _guessed_heads(width, kwargs["num_heads"], _HEADS_BY_WIDTH, 64, "num_heads", may_guess)
         if kind == "mae":
             kwargs["decoder_num_heads"] = _guessed_heads(kwargs["decoder_embed_dim"], kwargs["decoder_num_heads"],
-                                                         {512: 16}, 32, "decoder_num_heads")
+                                                         {512: 16}, 32, "decoder_num_heads", may_guess)
     with torch.device("meta"):  # no memory, no weights: the factory's defaults (heads) and the shapes
         model = build_model(model_args(name, {k: v for k, v in kwargs.items() if k not in heads or _positive_int(v)},
                                        head))

@@ -77,7 +77,7 @@ def check_args(args: argparse.Namespace, mode: str) -> argparse.Namespace:
         need(args.input_size % args.patch_size == 0,
              f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
     if args.finetune and not args.eval:
-        need(Path(args.finetune).is_file(), f"--finetune {args.finetune}: no such checkpoint file")
+        need(Path(args.finetune).exists(), f"--finetune {args.finetune}: no such checkpoint file or folder")
     if args.resume not in ("", "auto"):
         need(Path(args.resume).is_file(), f"--resume {args.resume}: no such checkpoint file")
     classifier_name(args.model)

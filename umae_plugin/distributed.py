@@ -155,6 +155,35 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return gather(x.contiguous(), 0, dist.group.WORLD)
 
 
+def all_gather_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` [B, ...] from every rank along dim 0 as the U-MAE / M-MAE reference code
+    does (SimCLR's `GatherLayer`): the forward pass is an all-gather, the backward pass keeps only
+    this rank's slice of the gradient and drops what the other ranks computed for it. A loss that
+    every rank computes on the gathered batch then reaches, after DDP's gradient averaging,
+    1/world_size of its single-process gradient. Without distributed (or with one rank) returns
+    `x` itself."""
+    if get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[get_rank()] = x  # the only slice autograd sees
+    return torch.cat(parts)
+
+
+GATHER_MODES = ("global", "reference")
+
+
+def gather_features(x: torch.Tensor, mode: str = "global") -> torch.Tensor:
+    """The global batch of `x` [B, ...] for a batch-level loss: `global` differentiates the
+    gathered batch exactly (`all_gather_with_grad`), `reference` as the U-MAE / M-MAE code does
+    (`all_gather_local_grad`: the term's gradient scales as 1/world_size)."""
+    if mode == "global":
+        return all_gather_with_grad(x)
+    if mode == "reference":
+        return all_gather_local_grad(x)
+    raise ValueError(f"unknown gather mode {mode!r}; expected one of {GATHER_MODES}")
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of `x` over ranks (a copy; `x` itself is untouched)."""
     if get_world_size() == 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any, Callable, Iterator
 
 import torch
@@ -18,7 +19,8 @@ from timm.utils import unwrap_model
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .data import epoch_bad_images
+from .data import epoch_bad_images, normalize_pixels
+from .linprobe_cached import extract_features, knn_accuracy
 from .logger import Meters, RunLog, progress
 from .losses import uniformity_loss
 from .metrics import effective_rank, effective_rank_centered, topk_correct
@@ -98,9 +100,14 @@ def train_one_epoch(
     run_log: RunLog | None = None,
 ) -> dict[str, float]:
     """One epoch of masked-autoencoder steps; returns the epoch's mean `loss`, `loss_mae`,
-    `loss_unif` (U-MAE), `lr` and, with a probe, `probe_loss`, averaged over ranks; and
-    `bad_images`, the unreadable images the loader met this epoch summed over workers and ranks,
-    when there was at least one (`data.epoch_bad_images`).
+    `loss_unif` (U-MAE), `lr` and, with a probe, `probe_loss`, averaged over ranks; `images_per_s`
+    (summed over ranks) and `data_wait_frac` (the share of the epoch's wall time spent waiting for
+    the loader, averaged over ranks; `logger.Progress`); and `bad_images`, the unreadable images the
+    loader met this epoch summed over workers and ranks, when there was at least one
+    (`data.epoch_bad_images`).
+
+    Batches of uint8 pixels [B, 3, H, W] (the pre-training loaders') become floats on the device,
+    `data.normalize_pixels` (bitwise ToTensor + Normalize); float batches are used as they come.
 
     `schedule` holds `lr, min_lr, warmup_epochs, epochs` for the per-step cosine schedule, set at
     every `accum_iter`-th step from the fractional epoch `epoch + step / len(loader)`. Gradient
@@ -121,10 +128,13 @@ def train_one_epoch(
     bad = torch.zeros((), dtype=torch.bool, device=device)
     optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
-    for step, (imgs, targets) in progress(loader, steps, f"epoch {epoch}", print_freq):
+    tracker = progress(loader, steps, f"epoch {epoch}", print_freq, device=device)
+    for step, (imgs, targets) in tracker:
         if step % accum_iter == 0:
             lr = adjust_learning_rate(optimizer, epoch + step / steps, **schedule)
         imgs = imgs.to(device, non_blocking=True)
+        if imgs.dtype == torch.uint8:  # 4x less to copy than float32; the same values once converted
+            imgs = normalize_pixels(imgs)
         loss, _, _, terms = accumulation_step(
             model, optimizer, lambda: model(imgs, mask_ratio, return_terms=True), step=step,
             accum_iter=accum_iter, autocast=autocast, scaler=scaler, bad=bad,
@@ -152,6 +162,7 @@ def train_one_epoch(
                 run_log.scalars({("train_loss" if k == "loss" else k): v for k, v in avg.items()}, x)
     check_finite(bad, f"in epoch {epoch}")
     stats = meters.averages()
+    stats.update(tracker.summary(all_ranks=True))
     bad_images = epoch_bad_images(loader, device)
     if bad_images:  # only when some were met: healthy data keeps the log lines as they were
         stats["bad_images"] = bad_images
@@ -279,6 +290,48 @@ def evaluate_probe(
     n = max(n, 1)
     return {"online_probe_masked_acc1": m1 / n, "online_probe_masked_acc5": m5 / n,
             "online_probe_unmasked_acc1": u1 / n, "online_probe_unmasked_acc5": u5 / n}
+
+
+KNN_K, KNN_TEMPERATURE = 20, 0.07  # the cached probe's k-NN (DINO's): 20 neighbours, exp(s / 0.07) votes
+
+
+def knn_bank_indices(num_images: int, bank_size: int, seed: int = 0) -> list[int]:
+    """The k-NN monitor's bank: the first `bank_size` of a permutation of `num_images` drawn from a
+    generator seeded with `seed` (all of them, permuted, if fewer), the same in every run."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    return order[: max(0, bank_size)].tolist()
+
+
+def evaluate_knn(
+    model: nn.Module,
+    bank_loader: DataLoader,
+    val_loader: DataLoader,
+    device: torch.device,
+    autocast=contextlib.nullcontext,
+    *,
+    pool: str,
+    num_classes: int | None = None,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+) -> dict[str, float]:
+    """The k-NN monitor: weighted `k`-NN top-1 (`linprobe_cached.knn_accuracy`, the cached probe's
+    function) of the pooled features (`pool_latent(latent, pool)`) of unmasked val images against
+    those of a bank of unmasked training images, no training of anything. Each rank extracts its
+    share of both loaders (`linprobe_cached.extract_features`: unshuffled `DistributedSampler`s,
+    as `data.build_loader(train=False)` builds) and every rank gets the gathered sets. Returns
+    `knn_acc1` (a fraction) and `knn_time_s` (seconds the evaluation took, extraction included).
+    Works for any model with `forward_latent` (MAE, SimMIM, any lambda)."""
+    start = time.perf_counter()
+    model = unwrap(model)
+
+    def forward(imgs: torch.Tensor) -> torch.Tensor:
+        return pool_latent(model.forward_latent(imgs), pool)
+
+    big = 1 << 30  # no progress lines: the monitor's cost is logged as knn_time_s
+    bank, bank_labels = extract_features(model, bank_loader, device, autocast, forward=forward, print_freq=big)
+    val, val_labels = extract_features(model, val_loader, device, autocast, forward=forward, print_freq=big)
+    acc = knn_accuracy(bank, bank_labels, val, val_labels, k=k, temperature=temperature, num_classes=num_classes)
+    return {"knn_acc1": acc["acc1"], "knn_time_s": time.perf_counter() - start}
 
 
 def fixed_images(dataset: Any, num: int, seed: int = 0) -> torch.Tensor:

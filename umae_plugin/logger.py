@@ -1,11 +1,14 @@
 """Training logs: running meters kept on the device (read only at print steps), progress lines
-with ETA, the upstream JSON-lines `log.txt`, and TensorBoard scalars."""
+with ETA, images/s, the fraction of time spent waiting for data and peak memory, the upstream
+JSON-lines `log.txt`, and TensorBoard scalars."""
 from __future__ import annotations
 
 import datetime
 import json
 import logging
 import os
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -41,16 +44,85 @@ class Meters:
         return dict(zip(keys, stacked.tolist()))
 
 
-def progress(iterable: Iterable[Any], total: int, header: str, print_freq: int) -> Iterator[tuple[int, Any]]:
-    """Yield (step, item) and log `header [step/total] eta ... it/s` every `print_freq` steps."""
-    start = time.time()
-    for step, item in enumerate(iterable):
-        yield step, item
-        if (step + 1) % print_freq == 0 or step + 1 == total:
-            elapsed = time.time() - start
-            eta = elapsed / (step + 1) * (total - step - 1)
-            log.info("%s [%d/%d] eta %s, %.2f it/s", header, step + 1, total,
-                     datetime.timedelta(seconds=int(eta)), (step + 1) / max(elapsed, 1e-9))
+def peak_memory_mb(device: torch.device | str | None = None) -> float:
+    """Peak memory so far in MiB: on CUDA, the most tensors ever held on the device
+    (`torch.cuda.max_memory_allocated`, as the MAE reference's and DINOv2's logs); elsewhere this
+    process's peak resident set size (`ru_maxrss`; DataLoader workers are not counted)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _batch_len(item: Any) -> int:
+    """Images in a loader item: the length of its first element ((images, targets) batches)."""
+    first = item[0] if isinstance(item, (tuple, list)) else item
+    return len(first) if hasattr(first, "__len__") else 1
+
+
+class Progress:
+    """Iterate `iterable` as (step, item), timing the wait for each item; every `print_freq` steps
+    (and at the last) log `header [step/total] eta ..., it/s, img/s, data N%, max mem M MB` (images/s
+    and the data-wait share over the steps since the last line; peak memory of `device`,
+    `peak_memory_mb`). `summary()` gives the pass's `images_per_s` and `data_wait_frac` (time blocked
+    in the loader / wall time), from host clocks alone: no device sync."""
+
+    def __init__(self, iterable: Iterable[Any], total: int, header: str, print_freq: int,
+                 device: torch.device | str | None = None) -> None:
+        self.iterable, self.total, self.header, self.print_freq = iterable, total, header, print_freq
+        self.device = device
+        self.images = 0
+        self.wait_s = 0.0
+        self.elapsed_s = 0.0
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        start = window_start = time.perf_counter()
+        window_wait, window_images = 0.0, 0
+        it = iter(self.iterable)
+        step = 0
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                break
+            waited = time.perf_counter() - t0
+            n = _batch_len(item)
+            self.wait_s += waited
+            window_wait += waited
+            self.images += n
+            window_images += n
+            yield step, item
+            now = time.perf_counter()
+            self.elapsed_s = now - start
+            if (step + 1) % self.print_freq == 0 or step + 1 == self.total:
+                window = max(now - window_start, 1e-9)
+                eta = self.elapsed_s / (step + 1) * (self.total - step - 1)
+                log.info("%s [%d/%d] eta %s, %.2f it/s, %.1f img/s, data %.1f%%, max mem %.0f MB", self.header,
+                         step + 1, self.total, datetime.timedelta(seconds=int(eta)),
+                         (step + 1) / max(self.elapsed_s, 1e-9), window_images / window, 100 * window_wait / window,
+                         peak_memory_mb(self.device))
+                window_start, window_wait, window_images = now, 0.0, 0
+            step += 1
+        self.elapsed_s = time.perf_counter() - start
+
+    def summary(self, all_ranks: bool = False) -> dict[str, float]:
+        """{"images_per_s", "data_wait_frac"} of the pass so far. With `all_ranks` (every rank must
+        call it), images/s summed over ranks (the job's) and the wait fraction averaged."""
+        elapsed = max(self.elapsed_s, 1e-9)
+        rate, wait = self.images / elapsed, self.wait_s / elapsed
+        if all_ranks and distributed.get_world_size() > 1:
+            device = self.device if self.device is not None else "cpu"
+            mean = distributed.all_reduce_mean(torch.tensor([rate, wait], dtype=torch.float32, device=device))
+            rate, wait = float(mean[0]) * distributed.get_world_size(), float(mean[1])
+        return {"images_per_s": rate, "data_wait_frac": wait}
+
+
+def progress(iterable: Iterable[Any], total: int, header: str, print_freq: int,
+             device: torch.device | str | None = None) -> Progress:
+    """Yield (step, item) and log progress lines every `print_freq` steps (`Progress`)."""
+    return Progress(iterable, total, header, print_freq, device)
 
 
 class RunLog:

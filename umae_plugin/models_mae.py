@@ -17,6 +17,7 @@ from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
 from .pos_embed import sincos_2d
+from .timm_plugin import build_model, cfgs_for, register_model
 
 FEATURE_POOLS = ("mean", "cls")
 
@@ -214,16 +215,22 @@ class MaskedAutoencoderViT(ViTEncoderBase):
         return patchify(imgs, self.patch_size)
 
     def random_masking(
-        self, x: torch.Tensor, mask_ratio: float
+        self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keep a random `int(L * (1 - mask_ratio))` tokens per sample, by argsort of uniform noise.
         Hand-written (timm has no MAE masking): the reference's draw, so one RNG state gives its masks.
+        `noise` [N, L] (HF transformers' name) replaces the draw: the tokens of lowest noise are kept.
 
         x: [N, L, D] -> (x_kept [N, L_keep, D], mask [N, L], ids_restore [N, L]).
         """
         n, length, dim = x.shape
         len_keep = int(length * (1 - mask_ratio))
-        noise = torch.rand(n, length, device=x.device)
+        if noise is None:
+            noise = torch.rand(n, length, device=x.device)
+        elif tuple(noise.shape) != (n, length):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected [N, L] = {[n, length]}")
+        else:
+            noise = noise.to(x.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]
@@ -234,12 +241,12 @@ class MaskedAutoencoderViT(ViTEncoderBase):
         return x_kept, mask, ids_restore
 
     def forward_encoder(
-        self, x: torch.Tensor, mask_ratio: float
+        self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[N, C, H, W] -> (latent [N, 1 + L_keep, D] after the final norm, class token first,
-        mask [N, L], ids_restore [N, L])."""
+        mask [N, L], ids_restore [N, L]); `noise` [N, L] as in `random_masking`."""
         x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio)
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
         return self._encode_tokens(x), mask, ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -264,10 +271,12 @@ class MaskedAutoencoderViT(ViTEncoderBase):
         """Loss terms of one pass; subclasses add theirs. Returns a dict with at least `loss`."""
         return {"loss": loss_mae, "loss_mae": loss_mae, "features": pool_latent(latent, self.feature_pool)}
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, return_terms: bool = False):
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, return_terms: bool = False,
+                noise: torch.Tensor | None = None):
         """-> (loss, pred [N, L, p*p*C], mask [N, L]) and, with `return_terms`, a dict of the
-        pass's loss terms (`loss_mae`, plus `loss_unif` for U-MAE) and pooled `features` [N, D]."""
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
+        pass's loss terms (`loss_mae`, plus `loss_unif` for U-MAE) and pooled `features` [N, D].
+        `noise` [N, L] gives the mask (`random_masking`), as HF transformers' `ViTMAEForPreTraining`."""
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         terms = self._terms(imgs, latent, self.forward_loss(imgs, pred, mask))
         loss = terms.pop("loss")
@@ -287,35 +296,59 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_mae(cls: type[MaskedAutoencoderViT], arch: str, **kwargs: Any) -> MaskedAutoencoderViT:
+def build_mae(cls: type[MaskedAutoencoderViT], arch: str, variant: str | None = None, **kwargs: Any
+              ) -> MaskedAutoencoderViT:
     """`cls` with the encoder of `arch` (a key of `ARCHS`) and the reference 512-d, 8-block decoder;
-    keyword arguments override any default."""
-    cfg = dict(ARCHS[arch], **_DECODER, mlp_ratio=4, norm_layer=_LN)
-    cfg.update(kwargs)
-    return cls(**cfg)
+    keyword arguments override any default, and timm's (`pretrained`, `pretrained_cfg`, ...) work as
+    `timm_plugin.build_model` says for the registered factory `variant` (default: `mae_vit_<arch>`)."""
+    defaults = dict(ARCHS[arch], **_DECODER, mlp_ratio=4, norm_layer=_LN)
+    return build_model(cls, variant or f"mae_vit_{arch}", defaults, **kwargs)
 
 
-def mae_vit_tiny_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
-    return build_mae(MaskedAutoencoderViT, "tiny_patch16", **kwargs)
+ALIASES = tuple(f"mae_vit_{arch}_dec512d8b" for arch in ("base_patch16", "large_patch16", "huge_patch14"))
+default_cfgs = cfgs_for([*(f"mae_vit_{arch}" for arch in ARCHS), *ALIASES])  # timm reads it when registering
 
 
-def mae_vit_small_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
-    return build_mae(MaskedAutoencoderViT, "small_patch16", **kwargs)
+@register_model
+def mae_vit_tiny_patch16(pretrained: bool = False, **kwargs: Any) -> MaskedAutoencoderViT:
+    return build_mae(MaskedAutoencoderViT, "tiny_patch16", "mae_vit_tiny_patch16", pretrained=pretrained, **kwargs)
 
 
-def mae_vit_base_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
-    return build_mae(MaskedAutoencoderViT, "base_patch16", **kwargs)
+@register_model
+def mae_vit_small_patch16(pretrained: bool = False, **kwargs: Any) -> MaskedAutoencoderViT:
+    return build_mae(MaskedAutoencoderViT, "small_patch16", "mae_vit_small_patch16", pretrained=pretrained, **kwargs)
 
 
-def mae_vit_large_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
-    return build_mae(MaskedAutoencoderViT, "large_patch16", **kwargs)
+@register_model
+def mae_vit_base_patch16(pretrained: bool = False, **kwargs: Any) -> MaskedAutoencoderViT:
+    return build_mae(MaskedAutoencoderViT, "base_patch16", "mae_vit_base_patch16", pretrained=pretrained, **kwargs)
 
 
-def mae_vit_huge_patch14(**kwargs: Any) -> MaskedAutoencoderViT:
-    return build_mae(MaskedAutoencoderViT, "huge_patch14", **kwargs)
+@register_model
+def mae_vit_large_patch16(pretrained: bool = False, **kwargs: Any) -> MaskedAutoencoderViT:
+    return build_mae(MaskedAutoencoderViT, "large_patch16", "mae_vit_large_patch16", pretrained=pretrained, **kwargs)
 
 
-# The reference's names for the same models.
-mae_vit_base_patch16_dec512d8b = mae_vit_base_patch16
-mae_vit_large_patch16_dec512d8b = mae_vit_large_patch16
-mae_vit_huge_patch14_dec512d8b = mae_vit_huge_patch14
+@register_model
+def mae_vit_huge_patch14(pretrained: bool = False, **kwargs: Any) -> MaskedAutoencoderViT:
+    return build_mae(MaskedAutoencoderViT, "huge_patch14", "mae_vit_huge_patch14", pretrained=pretrained, **kwargs)
+
+
+# The reference's names for the same models (its 512-d, 8-block decoder is the default), registered
+# under their own names: timm keys its registry on the function's name.
+@register_model
+def mae_vit_base_patch16_dec512d8b(pretrained: bool = False, **kwargs: Any) -> MaskedAutoencoderViT:
+    return build_mae(MaskedAutoencoderViT, "base_patch16", "mae_vit_base_patch16_dec512d8b", pretrained=pretrained,
+                     **kwargs)
+
+
+@register_model
+def mae_vit_large_patch16_dec512d8b(pretrained: bool = False, **kwargs: Any) -> MaskedAutoencoderViT:
+    return build_mae(MaskedAutoencoderViT, "large_patch16", "mae_vit_large_patch16_dec512d8b", pretrained=pretrained,
+                     **kwargs)
+
+
+@register_model
+def mae_vit_huge_patch14_dec512d8b(pretrained: bool = False, **kwargs: Any) -> MaskedAutoencoderViT:
+    return build_mae(MaskedAutoencoderViT, "huge_patch14", "mae_vit_huge_patch14_dec512d8b", pretrained=pretrained,
+                     **kwargs)

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .models_mae import ARCHS, ViTEncoderBase, pixel_targets, pool_latent
 from .models_umae import UniformityMixin
+from .timm_plugin import build_model, cfgs_for, register_model
 
 
 def block_mask(n: int, grid: tuple[int, int], mask_ratio: float, block: int, device=None) -> torch.Tensor:
@@ -92,19 +93,76 @@ class USimMIMViT(UniformityMixin, SimMIMViT):
     """SimMIM plus `lambda_unif * uniformity_loss` of the encoder output's patch-token mean (all
     patch tokens, masked positions included); `lambda_unif=0` is exactly SimMIM."""
 
-    def __init__(self, *args: Any, lambda_unif: float = 0.01, unif_pool: str = "mean", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lambda_unif: float = 0.01, unif_pool: str = "mean", reg: str = "square",
+                 uniformity_mu: float = 1.0, centering: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._set_uniformity(lambda_unif, unif_pool)
+        self._set_uniformity(lambda_unif, unif_pool, reg, uniformity_mu, centering)
 
 
-def _build(cls: type[SimMIMViT], arch: str, **kwargs: Any) -> SimMIMViT:
-    cfg = dict(ARCHS[arch], mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-    cfg.update(kwargs)
-    return cls(**cfg)
+def _build(cls: type[SimMIMViT], arch: str, variant: str, **kwargs: Any) -> SimMIMViT:
+    """`cls` with the encoder of `arch`; keywords override, timm's work as `timm_plugin.build_model`
+    says for the registered factory `variant`."""
+    defaults = dict(ARCHS[arch], mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    return build_model(cls, variant, defaults, **kwargs)
 
 
-def _factories(cls: type[SimMIMViT], prefix: str) -> dict[str, Callable[..., SimMIMViT]]:
-    return {f"{prefix}_vit_{arch}": partial(_build, cls, arch) for arch in ARCHS}
+default_cfgs = cfgs_for(f"{prefix}_vit_{arch}" for prefix in ("simmim", "usimmim") for arch in ARCHS)
 
 
-FACTORIES = {**_factories(SimMIMViT, "simmim"), **_factories(USimMIMViT, "usimmim")}
+@register_model
+def simmim_vit_tiny_patch16(pretrained: bool = False, **kwargs: Any) -> SimMIMViT:
+    return _build(SimMIMViT, "tiny_patch16", "simmim_vit_tiny_patch16", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def simmim_vit_small_patch16(pretrained: bool = False, **kwargs: Any) -> SimMIMViT:
+    return _build(SimMIMViT, "small_patch16", "simmim_vit_small_patch16", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def simmim_vit_base_patch16(pretrained: bool = False, **kwargs: Any) -> SimMIMViT:
+    return _build(SimMIMViT, "base_patch16", "simmim_vit_base_patch16", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def simmim_vit_large_patch16(pretrained: bool = False, **kwargs: Any) -> SimMIMViT:
+    return _build(SimMIMViT, "large_patch16", "simmim_vit_large_patch16", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def simmim_vit_huge_patch14(pretrained: bool = False, **kwargs: Any) -> SimMIMViT:
+    return _build(SimMIMViT, "huge_patch14", "simmim_vit_huge_patch14", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def usimmim_vit_tiny_patch16(pretrained: bool = False, **kwargs: Any) -> USimMIMViT:
+    return _build(USimMIMViT, "tiny_patch16", "usimmim_vit_tiny_patch16", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def usimmim_vit_small_patch16(pretrained: bool = False, **kwargs: Any) -> USimMIMViT:
+    return _build(USimMIMViT, "small_patch16", "usimmim_vit_small_patch16", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def usimmim_vit_base_patch16(pretrained: bool = False, **kwargs: Any) -> USimMIMViT:
+    return _build(USimMIMViT, "base_patch16", "usimmim_vit_base_patch16", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def usimmim_vit_large_patch16(pretrained: bool = False, **kwargs: Any) -> USimMIMViT:
+    return _build(USimMIMViT, "large_patch16", "usimmim_vit_large_patch16", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def usimmim_vit_huge_patch14(pretrained: bool = False, **kwargs: Any) -> USimMIMViT:
+    return _build(USimMIMViT, "huge_patch14", "usimmim_vit_huge_patch14", pretrained=pretrained, **kwargs)
+
+
+# Every factory of the module, by name (what timm registered).
+FACTORIES: dict[str, Callable[..., SimMIMViT]] = {
+    f.__name__: f for f in (simmim_vit_tiny_patch16, simmim_vit_small_patch16, simmim_vit_base_patch16,
+                            simmim_vit_large_patch16, simmim_vit_huge_patch14, usimmim_vit_tiny_patch16,
+                            usimmim_vit_small_patch16, usimmim_vit_base_patch16, usimmim_vit_large_patch16,
+                            usimmim_vit_huge_patch14)
+}

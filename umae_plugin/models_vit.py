@@ -18,6 +18,7 @@ import torch.nn as nn
 from timm.models import vision_transformer as timm_vit
 
 from .models_mae import ARCHS
+from .timm_plugin import build_model, cfgs_for, register_model
 
 
 _TIMM_POOL = {"avg": True, "token": False}
@@ -55,28 +56,39 @@ class VisionTransformer(timm_vit.VisionTransformer):
 VisionTransformerClassifier = VisionTransformer
 
 
-def build_vit(arch: str, **kwargs: Any) -> VisionTransformerClassifier:
-    """The classifier for encoder `arch` (a key of `models_mae.ARCHS`); keywords override."""
-    cfg = dict(ARCHS[arch], mlp_ratio=4, qkv_bias=True)
-    cfg.update(kwargs)
-    return VisionTransformerClassifier(**cfg)
+def build_vit(arch: str, variant: str | None = None, **kwargs: Any) -> VisionTransformerClassifier:
+    """The classifier for encoder `arch` (a key of `models_mae.ARCHS`); keywords override, and
+    timm's (`pretrained`, `pretrained_cfg`, ...) work as `timm_plugin.build_model` says for the
+    registered factory `variant` (default: `vit_<arch>`)."""
+    return build_model(VisionTransformerClassifier, variant or f"vit_{arch}", dict(ARCHS[arch], mlp_ratio=4, qkv_bias=True),
+                       **kwargs)
 
 
-def vit_tiny_patch16(**kwargs: Any) -> VisionTransformerClassifier:
-    return build_vit("tiny_patch16", **kwargs)
+# timm has no `vit_<size>_patch<p>` names (its ViTs end in the input size): these are ours, with the
+# reference's `forward_features` (pooled [N, D] features).
+default_cfgs = cfgs_for((f"vit_{arch}" for arch in ARCHS), classifier=True)  # timm reads it when registering
 
 
-def vit_small_patch16(**kwargs: Any) -> VisionTransformerClassifier:
-    return build_vit("small_patch16", **kwargs)
+@register_model
+def vit_tiny_patch16(pretrained: bool = False, **kwargs: Any) -> VisionTransformerClassifier:
+    return build_vit("tiny_patch16", "vit_tiny_patch16", pretrained=pretrained, **kwargs)
 
 
-def vit_base_patch16(**kwargs: Any) -> VisionTransformerClassifier:
-    return build_vit("base_patch16", **kwargs)
+@register_model
+def vit_small_patch16(pretrained: bool = False, **kwargs: Any) -> VisionTransformerClassifier:
+    return build_vit("small_patch16", "vit_small_patch16", pretrained=pretrained, **kwargs)
 
 
-def vit_large_patch16(**kwargs: Any) -> VisionTransformerClassifier:
-    return build_vit("large_patch16", **kwargs)
+@register_model
+def vit_base_patch16(pretrained: bool = False, **kwargs: Any) -> VisionTransformerClassifier:
+    return build_vit("base_patch16", "vit_base_patch16", pretrained=pretrained, **kwargs)
 
 
-def vit_huge_patch14(**kwargs: Any) -> VisionTransformerClassifier:
-    return build_vit("huge_patch14", **kwargs)
+@register_model
+def vit_large_patch16(pretrained: bool = False, **kwargs: Any) -> VisionTransformerClassifier:
+    return build_vit("large_patch16", "vit_large_patch16", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def vit_huge_patch14(pretrained: bool = False, **kwargs: Any) -> VisionTransformerClassifier:
+    return build_vit("huge_patch14", "vit_huge_patch14", pretrained=pretrained, **kwargs)

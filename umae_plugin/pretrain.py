@@ -17,24 +17,35 @@ import torch
 
 from . import checkpoint as ckpt
 from . import cli, data, distributed, run_folder
-from .engine_pretrain import (OnlineProbe, evaluate_probe, fixed_images, make_probe_tap, measure_collapse,
-                              train_one_epoch, unwrap)
+from .distributed import GATHER_MODES
+from .engine_pretrain import (OnlineProbe, evaluate_knn, evaluate_probe, fixed_images, knn_bank_indices, make_probe_tap,
+                              measure_collapse, train_one_epoch, unwrap)
 from .errors import UsageError, UserError
-from .logger import RunLog
+from .logger import RunLog, peak_memory_mb
 from .models_mae import FEATURE_POOLS
+from .models_umae import REG_ALIASES, REGS
 from .optim import param_groups_weight_decay, resolve_lr
 from .registry import (create_model, default_lambda, default_mask_ratio, model_overrides, parse_model_name,
                        pretrain_factory, resolved_kwargs)
-from .runtime import Runtime, record_args, setup_runtime
+from .runtime import Runtime, adamw_options, record_args, setup_runtime
 
 log = logging.getLogger("umae")
 
 # Epoch-end measures also written as TensorBoard scalars (prefixes of their log keys).
-EVAL_SCALARS = ("effective_rank_", "unif_", "online_probe_")
+EVAL_SCALARS = ("effective_rank_", "unif_", "online_probe_", "knn_")
 
 
 # ---------------------------------------------------------------------------------------------
 # command line
+
+
+def boolean(text: str) -> bool:
+    """An explicit boolean flag value: true/false, 1/0, yes/no, on/off (any case)."""
+    value = {"true": True, "1": True, "yes": True, "on": True,
+             "false": False, "0": False, "no": False, "off": False}.get(str(text).strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -64,8 +75,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     u = g[cli.UNIFORMITY]
     u.add_argument("--lambda_unif", "--lamb", dest="lambda_unif", default=None, type=float,
                    help="weight of the uniformity term (None: 0.01 for umae_* / usimmim_* models, 0 for mae_* / simmim_*)")
-    u.add_argument("--reg", default=None, choices=["none", "spectral", "entropy"],
-                   help="U-MAE reference flag: 'none' turns the uniformity term off; the others keep it")
+    u.add_argument("--reg", default=None, choices=["none", *REGS, *REG_ALIASES],
+                   help="the term (M-MAE's names): 'square' U-MAE's mean squared cosine, 'TCR' M-MAE's total coding "
+                        "rate -logdet(I + mu/D Z^T Z); 'none' turns it off (lambda 0); the U-MAE reference's "
+                        "'spectral' / 'entropy' mean 'square' (None: square)")
+    u.add_argument("--uniformity_mu", "--uniformity_lamda", dest="uniformity_mu", default=1.0, type=float,
+                   help="TCR: mu, the coding rate's scale (M-MAE's name; --uniformity_lamda: a spelling of its scripts)")
+    u.add_argument("--centering", nargs="?", const=True, default=False, type=boolean, metavar="BOOL",
+                   help="TCR: centre the batch's features first; a bare switch, or an explicit value as in M-MAE's "
+                        "pretrain.sh (--centering False)")
+    u.add_argument("--unif_gather", default="global", choices=GATHER_MODES,
+                   help="the term's gradient across GPUs: 'global' the exact global-batch gradient (the same on any "
+                        "number of GPUs); 'reference' the U-MAE / M-MAE code's, 1/world_size of it (reproduces a "
+                        "reference run on W GPUs with its own lambda)")
     u.add_argument("--unif_pool", default="mean", choices=FEATURE_POOLS,
                    help="encoder features the uniformity term sees: mean of the patch tokens, or the class token")
 
@@ -73,6 +95,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     cli.add_schedule_arguments(o, batch_size=64, epochs=400, weight_decay=0.05, blr=1e-3, min_lr=0.0, warmup_epochs=40)
 
     cli.add_run_arguments(g)
+    g[cli.DATA].add_argument("--data_backend", default="pil", choices=data.DATA_BACKENDS,
+                             help="training input pipeline (workers send uint8, the device normalises): pil = PIL "
+                                  "decode and crop in the workers, the reference's values; tensor = torchvision's "
+                                  "JPEG decoder and uint8 resize in the workers (faster, values close to PIL's); "
+                                  "gpu = workers read file bytes, the device decodes (nvJPEG), crops and flips. "
+                                  "tensor / gpu: --dataset imagefolder")
     lg = g[cli.LOGGING]
     lg.add_argument("--online_probe", action="store_true",
                     help="train a linear probe on detached features of the masked pass alongside (paper appendix "
@@ -87,12 +115,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                          "fixed val images every N epochs, and before training (0: off)")
     lg.add_argument("--erank_samples", default=1024, type=int,
                     help="images the effective rank is measured on (at least the feature dimension)")
+    lg.add_argument("--knn_freq", default=0, type=int,
+                    help="k-NN monitor every N epochs and at the end (0: off): weighted 20-NN top-1 (cosine, "
+                         "exp(s/0.07) votes, the cached probe's k-NN) of unmasked val features (--feature_pool) "
+                         "against --knn_bank unmasked training images, logged as knn_acc1 and knn_time_s; cost: one "
+                         "encoder pass over bank + val, about 2 minutes per evaluation on CIFAR-10 (ViT-Tiny, 32 px, "
+                         "10,000 + 10,000 images) on 2 free CPU cores")
+    lg.add_argument("--knn_bank", default=10000, type=int,
+                    help="training images in the k-NN monitor's bank: the first N of a permutation seeded with 0 "
+                         "(all if fewer)")
     return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Resolve defaults that depend on other flags and refuse values that cannot work. On
     `--resume`, the flags are first checked against the checkpoint's model (`adopt_resume_model`)."""
+    args.reg = REG_ALIASES.get(args.reg, args.reg)
     adopt_resume_model(args)
     if args.lambda_unif is None:
         args.lambda_unif = default_lambda(args.model)
@@ -101,6 +139,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     args.mask_ratio = float(args.mask_ratio)
     if args.reg == "none":
         args.lambda_unif = 0.0
+    elif args.reg is not None and args.lambda_unif == 0:
+        log.warning("--reg %s with lambda_unif 0: the term is off (plain MAE / SimMIM); pass --lambda_unif (--lamb) "
+                    "to use it", args.reg)
+    if not (math.isfinite(args.uniformity_mu) and args.uniformity_mu > 0):
+        parser.error(f"--uniformity_mu must be a finite number > 0, got {args.uniformity_mu}")
+    if args.lambda_unif > 0 and args.reg in (None, "square") and (args.uniformity_mu != 1.0 or args.centering):
+        log.warning("--uniformity_mu and --centering set M-MAE's TCR term; the square term (--reg %s) ignores them",
+                    args.reg or "square (default)")
     if not 0.0 <= args.mask_ratio < 1.0:
         parser.error(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if args.lambda_unif < 0:
@@ -110,6 +156,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.erank_freq < 0:
         parser.error(f"--erank_freq must be >= 0, got {args.erank_freq}")
+    if args.knn_freq < 0:
+        parser.error(f"--knn_freq must be >= 0, got {args.knn_freq}")
+    if args.knn_bank < 1:
+        parser.error(f"--knn_bank must be >= 1, got {args.knn_bank}")
     if args.feature_pool is None:
         args.feature_pool = args.unif_pool
     if args.patch_size is not None and args.input_size % args.patch_size:
@@ -140,7 +190,8 @@ def adopt_resume_model(args: argparse.Namespace) -> None:
     the checkpoint's "model_args" (`checkpoint.reconcile_resume_flags`). `--model` (family and
     encoder), `--input_size`, `--patch_size` and the encoder / decoder sizes that contradict it are
     refused (exit 2), those left at their defaults take the checkpoint's values; `--lambda_unif`,
-    `--unif_pool`, `--norm_pix_loss` and `--mask_ratio` given with other values are used, with a
+    `--unif_pool`, the term (`--reg`, `--uniformity_mu`, `--centering`; a record without them
+    means `square`), `--norm_pix_loss` and `--mask_ratio` given with other values are used, with a
     warning. A file whose model cannot be read is left to the load, which names what is wrong."""
     path = ckpt.resolve_resume(args.resume, args.output_dir) if args.resume else None
     if path is None:
@@ -156,7 +207,11 @@ def adopt_resume_model(args: argparse.Namespace) -> None:
         args.lambda_unif = default_lambda(args.model)  # the given name's, compared below
     lambda_unif = float(kwargs.get("lambda_unif", 0.0))
     architecture = {"model": record["name"], **{flag: kwargs.get(key) for flag, key in ARCH_FLAGS.items()}}
-    losses = {"lambda_unif": lambda_unif, "unif_pool": kwargs.get("unif_pool") if lambda_unif > 0 else None,
+    term = lambda_unif > 0
+    losses = {"lambda_unif": lambda_unif, "unif_pool": kwargs.get("unif_pool") if term else None,
+              "reg": kwargs.get("reg", "square") if term else None,
+              "uniformity_mu": kwargs.get("uniformity_mu", 1.0) if term else None,
+              "centering": kwargs.get("centering", False) if term else None,
               "norm_pix_loss": kwargs.get("norm_pix_loss"),
               "mask_ratio": (ckpt.stored_args(state) or {}).get("mask_ratio")}
     ckpt.reconcile_resume_flags(args, parser, path, architecture, losses, same={"model": _same_model})
@@ -228,14 +283,16 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     # Data first: a wrong path, or a batch larger than the data, fails before anything is built or
     # written. Then the output folder is this run's alone, until the end.
     train_set, val_set = _datasets(args, rt)
+    knn_sets = _knn_datasets(args) if args.knn_freq > 0 else None
     with run_folder.claim(args.output_dir, enabled=rt.is_main):
-        return _pretrain(args, rt, train_set, val_set)
+        return _pretrain(args, rt, train_set, val_set, knn_sets=knn_sets)
 
 
 def _datasets(args: argparse.Namespace, rt: Runtime) -> tuple[Any, Any]:
     """The training set and, when the effective rank or the online probe needs one, the val set
     (the training images, unaugmented, when there is no val split and only the rank needs it)."""
-    train_set = data.build_dataset(args.dataset, args.data_path, "train", data.pretrain_transform(args.input_size), args.download)
+    train_set = data.build_pretrain_dataset(args.dataset, args.data_path, args.input_size,
+                                            getattr(args, "data_backend", "pil"), args.download)
     data.require_full_batch(train_set, args.batch_size, rt.world_size)
     val_set = None
     if args.online_probe or args.erank_freq > 0:
@@ -249,11 +306,31 @@ def _datasets(args: argparse.Namespace, rt: Runtime) -> tuple[Any, Any]:
     return train_set, val_set
 
 
-def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: Any) -> dict[str, Any]:
+def _knn_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The k-NN monitor's (bank, val) sets, both unaugmented: `--knn_bank` training images
+    (`knn_bank_indices`, seed 0) and the whole val split, which it needs (a `DataError` otherwise)."""
+    transform = data.eval_transform(args.input_size)
+    train = data.build_dataset(args.dataset, args.data_path, "train", transform, args.download)
+    val = data.build_dataset(args.dataset, args.data_path, "val", transform, args.download)
+    return torch.utils.data.Subset(train, knn_bank_indices(len(train), args.knn_bank)), val
+
+
+def _knn_monitor(model: torch.nn.Module, sets: tuple[Any, Any], args: argparse.Namespace, rt: Runtime,
+                 pool: str) -> dict[str, float]:
+    """`evaluate_knn` on fresh evaluation loaders of the (bank, val) sets (their workers end with it)."""
+    bank_loader, val_loader = (data.build_loader(s, args.batch_size, train=False, num_workers=args.num_workers,
+                                                 pin_memory=args.pin_mem and rt.device.type == "cuda") for s in sets)
+    return evaluate_knn(model, bank_loader, val_loader, rt.device, rt.autocast, pool=pool,
+                        num_classes=data.num_classes(sets[1]))
+
+
+def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: Any,
+              knn_sets: tuple[Any, Any] | None = None) -> dict[str, Any]:
     device = rt.device
     pin_memory = args.pin_mem and device.type == "cuda"
-    loader = data.build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
-                               pin_memory=pin_memory, seed=args.seed)
+    loader = data.build_pretrain_loader(train_set, args.batch_size, backend=getattr(args, "data_backend", "pil"),
+                                        device=device, input_size=args.input_size, num_workers=args.num_workers,
+                                        pin_memory=pin_memory, seed=args.seed)
 
     record = pretrain_model_args(args)
     model = ckpt.build_model(record)  # from the record the checkpoints carry: they rebuild exactly this model
@@ -262,22 +339,26 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
                                       f"--init_from {args.init_from}")
         log.info("initialised from %s: %s", args.init_from, report)
     model.set_grad_checkpointing(args.grad_checkpointing)
+    if hasattr(model, "set_unif_gather"):  # the uniformity family's models
+        model.set_unif_gather(args.unif_gather)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("model %s (%s, lambda_unif %g): %.2fM trainable parameters", args.model, type(model).__name__,
-             args.lambda_unif, n_params / 1e6)
+    log.info("model %s (%s, lambda_unif %g%s): %.2fM trainable parameters", args.model, type(model).__name__,
+             args.lambda_unif, f", {model.reg}, {args.unif_gather} gradient" if hasattr(model, "reg") else "",
+             n_params / 1e6)
 
     eff_batch = args.batch_size * args.accum_iter * rt.world_size
     args.lr = resolve_lr(args.lr, args.blr, args.batch_size, args.accum_iter, rt.world_size)
     log.info("effective batch %d, lr %.3e (blr %.3e)", eff_batch, args.lr, args.blr)
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+                                  **adamw_options(device))
     scaler = rt.grad_scaler()
 
     probe = probe_optimizer = tap = None
     feature_pool = getattr(args, "feature_pool", None) or args.unif_pool
     if args.online_probe:
         probe = OnlineProbe(model.embed_dim, data.num_classes(train_set)).to(device)
-        probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.0)
+        probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.0, **adamw_options(device))
         tap = make_probe_tap(model, feature_pool)  # before any wrapper or compile: registered once
         log.info("online probe on %s-pooled features: trained on %g-masked views, evaluated on masked "
                  "and unmasked val views", feature_pool, args.mask_ratio)
@@ -348,7 +429,9 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
         if probe is not None and (epoch % args.val_interval == 0 or last):
             stats.update(evaluate_probe(model, probe, probe_loader, device, rt.autocast,
                                         mask_ratio=args.mask_ratio, pool=feature_pool))
-        stats.update(epoch=epoch, n_parameters=n_params)
+        if knn_sets is not None and (epoch % args.knn_freq == 0 or last):  # every rank: extraction is shared
+            stats.update(_knn_monitor(model, knn_sets, args, rt, feature_pool))
+        stats.update(epoch=epoch, n_parameters=n_params, max_mem_mb=peak_memory_mb(device))
 
         if args.output_dir and rt.is_main:
             state = ckpt.training_state(model, optimizer, epoch, args=args, model_args=record, scaler=scaler,

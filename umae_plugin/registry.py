@@ -1,42 +1,54 @@
-"""Model names -> factories, for scripts and tools that build models from a `--model` string."""
+"""Model names -> factories, for scripts and tools that build models from a `--model` string.
+
+The one registry is timm's: importing `umae_plugin` registers every factory of the model modules
+with timm's `register_model` (see `timm_plugin`), so `timm.create_model("umae_vit_base_patch16")`
+works; `list_models` / `create_model` here are timm's, limited to this package's models.
+"""
 from __future__ import annotations
 
 import logging
 import re
+import sys
 from typing import Any, Callable, NamedTuple
 
+import timm
 import torch.nn as nn
 
-from . import models_mae, models_simmim, models_umae, models_vit
+from . import models_mae, models_simmim, models_umae, models_vit, timm_plugin  # noqa: F401 (importing registers)
 
 log = logging.getLogger("umae")
 
-_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
-
 
 def register(name: str, factory: Callable[..., nn.Module]) -> None:
-    _FACTORIES[name] = factory
+    """Register `factory` (any callable taking the model's keywords: a lambda, a partial) with timm
+    as `name`, through an entry point of that name (timm keys its registry on `__name__`) that
+    takes timm's keyword protocol (`timm_plugin.build_model`) and is bound in this module, as timm
+    expects of a registered function. Registering a name again replaces it."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"cannot register model {name!r}: a timm model name is a Python identifier")
+    module = sys.modules[__name__]
+    if hasattr(module, name) and not getattr(getattr(module, name), timm_plugin.PLUGIN_ATTR, False):
+        raise ValueError(f"cannot register model {name!r}: the name is taken in {__name__}")
 
+    def entry(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return timm_plugin.build_model(factory, name, {}, pretrained=pretrained, **kwargs)
 
-for _module, _prefix in ((models_mae, "mae_vit_"), (models_umae, "umae_vit_"), (models_vit, "vit_")):
-    for _name in dir(_module):
-        if _name.startswith(_prefix):
-            register(_name, getattr(_module, _name))
-for _name, _factory in models_simmim.FACTORIES.items():
-    register(_name, _factory)
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = getattr(factory, "__doc__", None)
+    setattr(module, name, timm_plugin.register_model(entry))
 
 
 def list_models(prefix: str = "") -> list[str]:
-    return sorted(n for n in _FACTORIES if n.startswith(prefix))
+    """This package's registered model names that start with `prefix`, sorted."""
+    return sorted(n for n in timm.list_models() if n.startswith(prefix) and timm_plugin.is_ours(n))
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build the model registered as `name`; keyword arguments override the factory's defaults."""
-    try:
-        factory = _FACTORIES[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
-    return factory(**kwargs)
+    """Build the model registered as `name` (`timm.create_model`); keyword arguments override the
+    factory's defaults. A name that is not one of this package's raises `ValueError`."""
+    if not isinstance(name, str) or not timm_plugin.is_ours(name):
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    return timm.create_model(name, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +144,11 @@ def pretrain_factory(name: str, *, lambda_unif: float, unif_pool: str = "mean",
     the uniformity-enhanced class (with `lambda_unif`, `unif_pool`), zero the plain (upstream) one;
     the reference's `mae_vit_*_dec512d8b` aliases pick their `mae_vit_*` / `umae_vit_*`. Other
     names are used as given. `None` overrides are dropped, as are decoder overrides for SimMIM,
-    whose decoder is one linear layer (with a warning)."""
+    whose decoder is one linear layer (with a warning). The term's overrides (`reg`,
+    `uniformity_mu`, `centering`) go to the uniformity-enhanced class only: with lambda 0 there
+    is no term to set."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    term = {k: overrides.pop(k) for k in ("reg", "uniformity_mu", "centering") if k in overrides}
     parsed = _parsed(name)
     if parsed is None or not parsed.is_pretrain:
         return name, overrides
@@ -144,7 +159,7 @@ def pretrain_factory(name: str, *, lambda_unif: float, unif_pool: str = "mean",
         overrides = {k: v for k, v in overrides.items() if k not in ignored}
     if lambda_unif > 0:
         return (pretrain_name(parsed.family, True, parsed.arch),
-                dict(overrides, lambda_unif=float(lambda_unif), unif_pool=unif_pool))
+                dict(overrides, lambda_unif=float(lambda_unif), unif_pool=unif_pool, **term))
     return pretrain_name(parsed.family, False, parsed.arch), overrides
 
 
@@ -155,7 +170,9 @@ def build_pretrain_model(name: str, *, lambda_unif: float, unif_pool: str = "mea
 
 
 def model_overrides(args: Any) -> dict[str, Any]:
-    """Constructor keywords a pre-training command line gives (None: the factory's default)."""
+    """Constructor keywords a pre-training command line gives (None: the factory's default). `--reg`
+    takes the U-MAE reference's `spectral` / `entropy` as `square`; `none` sets no term."""
+    reg = getattr(args, "reg", None)
     return dict(
         img_size=args.input_size,
         embed_dim=getattr(args, "embed_dim", None),
@@ -166,6 +183,9 @@ def model_overrides(args: Any) -> dict[str, Any]:
         decoder_embed_dim=args.decoder_embed_dim,
         decoder_depth=args.decoder_depth,
         decoder_num_heads=args.decoder_num_heads,
+        reg=None if reg in (None, "none") else models_umae.REG_ALIASES.get(reg, reg),
+        uniformity_mu=getattr(args, "uniformity_mu", None),
+        centering=getattr(args, "centering", None),
     )
 
 
@@ -183,4 +203,6 @@ def resolved_kwargs(model: nn.Module) -> dict[str, Any]:
         kwargs["norm_pix_loss"] = bool(model.norm_pix_loss)
     if hasattr(model, "lambda_unif"):
         kwargs.update(lambda_unif=float(model.lambda_unif), unif_pool=str(model.feature_pool))
+    if hasattr(model, "reg"):  # the uniformity family's term (old records without it mean "square")
+        kwargs.update(reg=str(model.reg), uniformity_mu=float(model.uniformity_mu), centering=bool(model.centering))
     return kwargs

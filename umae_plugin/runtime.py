@@ -51,6 +51,13 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
 
+def adamw_options(device: torch.device) -> dict[str, Any]:
+    """Keyword arguments for `torch.optim.AdamW` on `device`: `fused=True` on CUDA (one kernel for
+    all parameters instead of a loop of ops per tensor; the same update up to float rounding),
+    nothing elsewhere (the CPU keeps the default for-each implementation)."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
 def setup_logging(is_main: bool) -> None:
     """INFO lines on rank 0 only (other ranks: warnings), without touching `print`."""
     level = logging.INFO if is_main else logging.WARNING

@@ -1,13 +1,18 @@
-"""Summary of a lambda sweep (paper Table 3): one row per pre-training run, sorted by lambda.
+"""Summary of a lambda sweep (paper Table 3), or of a sweep over the uniformity family's term
+(`--sweep reg=square,TCR`, `--sweep uniformity_mu=1,3`): one row per pre-training run, sorted by
+lambda, then term, then mu.
 
     python -m umae_plugin.analysis sweep --sweep_dir jobs/lambda_sweep --output_dir out/sweep
     python -m umae_plugin.analysis sweep --runs jobs/lambda_unif=0 jobs/lambda_unif=0.01
 
 A run is an output folder of `main_pretrain.py`. From it:
-* `lambda_unif` (and `model`, `epochs`) from `args.json`; without it, from the folder name
-  (`lambda_unif=0.01`, `lambda=0.01` or `lamb=0.01`);
+* `lambda_unif`, the term `reg` (`square`: U-MAE's, `TCR`: M-MAE's coding rate, `none`: lambda 0
+  without a term named; the U-MAE reference's `spectral` / `entropy` read as `square`),
+  `uniformity_mu` and `centering` (TCR only), and `model`, `epochs`, from `args.json`; without
+  it, from the folder name as the launcher's `--sweep` writes it (`lambda_unif=0.01,reg=TCR`;
+  also `lambda=` / `lamb=`, `uniformity_lamda=`);
 * from `log.txt` (JSON lines): `epoch` of the last line, and for each of `train_loss`,
-  `train_loss_mae`, `train_loss_unif`, `effective_rank_{mean,cls}` (uncentred, as the paper),
+  `train_loss_mae`, `train_loss_unif`, `train_loss_tcr`, `effective_rank_{mean,cls}` (uncentred, as the paper),
   `effective_rank_centered_{mean,cls}`, `online_probe_masked_acc1` (masked val views, as the
   probe is trained) and `online_probe_unmasked_acc1` the value of the LAST line that has the key
   (the effective rank and the probe are not measured every epoch);
@@ -38,9 +43,15 @@ log = logging.getLogger("umae")
 
 ERANK_KEYS = ("effective_rank_mean", "effective_rank_cls", "effective_rank_centered_mean", "effective_rank_centered_cls")
 PROBE_KEYS = ("online_probe_masked_acc1", "online_probe_unmasked_acc1")  # fractions in the log
-LOG_KEYS = ("train_loss", "train_loss_mae", "train_loss_unif", *ERANK_KEYS, *PROBE_KEYS)
-COLUMNS = ("run", "lambda_unif", "epochs", *LOG_KEYS, "linprobe_acc1")
+LOG_KEYS = ("train_loss", "train_loss_mae", "train_loss_unif", "train_loss_tcr", *ERANK_KEYS, *PROBE_KEYS)
+COLUMNS = ("run", "lambda_unif", "reg", "uniformity_mu", "epochs", *LOG_KEYS, "linprobe_acc1")
+REG_ORDER = ("none", "square", "TCR")
+REG_ALIASES = {"spectral": "square", "entropy": "square"}  # the U-MAE reference's names of its term
 _LAMBDA_IN_NAME = re.compile(r"(?:lambda_unif|lambda|lamb)=([-+0-9.eE]+)")
+_TERM_IN_NAME = {"reg": re.compile(r"(?<![A-Za-z])reg=([A-Za-z]+)"),
+                 "uniformity_mu": re.compile(r"(?:uniformity_mu|uniformity_lamda)=([-+0-9.eE]+)"),
+                 "centering": re.compile(r"(?<![A-Za-z])centering=([A-Za-z0-9]+)")}
+_TRUE = ("true", "1", "yes", "on")
 
 
 def last_values(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
@@ -73,11 +84,42 @@ def linprobe_acc1(run: Path) -> tuple[float | None, str | None]:
     return None, None
 
 
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def run_term(stored: dict[str, Any], name: str, lambda_unif: float | None) -> dict[str, Any]:
+    """`reg`, `uniformity_mu`, `centering` of a run, from its stored args, else its folder name.
+    An unnamed term is U-MAE's `square` when lambda > 0 and `none` at lambda 0 (None when lambda
+    is unknown); `uniformity_mu` (default 1) and `centering` (default False) belong to TCR and are
+    None for the other terms."""
+    raw: dict[str, Any] = {}
+    for key, pattern in _TERM_IN_NAME.items():
+        raw[key] = stored.get(key)
+        if raw[key] is None:
+            m = pattern.search(name)
+            raw[key] = m.group(1) if m else None
+    reg = REG_ALIASES.get(raw["reg"], raw["reg"])
+    if reg is None and lambda_unif is not None:
+        reg = "square" if lambda_unif > 0 else "none"
+    if reg != "TCR":
+        return {"reg": reg, "uniformity_mu": None, "centering": None}
+    mu = _number(raw["uniformity_mu"]) if raw["uniformity_mu"] is not None else 1.0
+    centering = raw["centering"]
+    if not isinstance(centering, bool):
+        centering = str(centering).lower() in _TRUE if centering is not None else False
+    return {"reg": reg, "uniformity_mu": mu, "centering": centering}
+
+
 def summarize_run(run: str | Path) -> dict[str, Any]:
     """One row of the table for output folder `run`."""
     run = Path(run)
     row: dict[str, Any] = {"run": run.name, "path": str(run), "lambda_unif": None, "model": None, "epochs": None}
     args_path = run / "args.json"
+    stored: dict[str, Any] = {}
     if args_path.is_file():
         stored = json.loads(args_path.read_text())
         row["model"] = stored.get("model")
@@ -90,6 +132,7 @@ def summarize_run(run: str | Path) -> dict[str, Any]:
                 row["lambda_unif"] = float(m.group(1))
             except ValueError:
                 pass
+    row.update(run_term(stored, run.name, row["lambda_unif"]))
     rows = read_log(run / "log.txt") if (run / "log.txt").is_file() else []
     epochs = [int(r["epoch"]) for r in rows if "epoch" in r]
     row["epochs"] = max(epochs) + 1 if epochs else None
@@ -112,12 +155,32 @@ def find_runs(sweep_dir: str | Path) -> list[Path]:
 
 
 def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """By lambda ascending (runs without a lambda last), then by name."""
-    return sorted(rows, key=lambda r: (r["lambda_unif"] is None, r["lambda_unif"] or 0.0, r["run"]))
+    """By lambda ascending (runs without a lambda last), then term (none, square, TCR, others),
+    then mu, then by name."""
+    def key(r: dict[str, Any]) -> tuple:
+        reg = r.get("reg")
+        return (r["lambda_unif"] is None, r["lambda_unif"] or 0.0,
+                REG_ORDER.index(reg) if reg in REG_ORDER else len(REG_ORDER), str(reg),
+                r.get("uniformity_mu") or 0.0, r["run"])
+    return sorted(rows, key=key)
+
+
+def term_label(row: dict[str, Any]) -> str:
+    """"square", "TCR mu=3", "TCR mu=3 centred": the term a row's run trained with."""
+    if row.get("reg") != "TCR":
+        return str(row.get("reg"))
+    return f"TCR mu={row['uniformity_mu']:g}" + (" centred" if row.get("centering") else "")
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Effective rank, accuracies and losses against lambda; one series per term when the runs
+    trained with several (the lambda-0 runs without a named term, plain MAE, join every series)."""
     rows = [r for r in rows if r["lambda_unif"] is not None]
+    baseline = [r for r in rows if r.get("reg") in (None, "none")]
+    terms = list(dict.fromkeys(term_label(r) for r in rows if r.get("reg") not in (None, "none")))
+    series = [("", rows)] if len(terms) <= 1 else [
+        (t, sort_rows(baseline + [r for r in rows if r.get("reg") not in (None, "none") and term_label(r) == t]))
+        for t in terms]
     fig = report.new_figure(1200, 400)
     lams = np.array([r["lambda_unif"] for r in rows], dtype=float)
     positive = lams[lams > 0]
@@ -126,19 +189,21 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
               ("final training loss", ("train_loss_mae", "train_loss")))
     for k, (ylabel, keys) in enumerate(panels):
         ax = fig.add_subplot(1, 3, k + 1)
-        for key in keys:
-            y = np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows])
-            ok = np.isfinite(y)
-            if ok.any():
-                ax.plot(lams[ok], y[ok], marker="o", label=key)
+        for label, group in series:
+            x = np.array([r["lambda_unif"] for r in group], dtype=float)
+            for key in keys:
+                y = np.array([np.nan if r.get(key) is None else float(r[key]) for r in group])
+                ok = np.isfinite(y)
+                if ok.any():
+                    ax.plot(x[ok], y[ok], marker="o", label=f"{key} [{label}]" if label else key)
         if len(positive):
             ax.set_xscale("symlog", linthresh=float(positive.min()))
         ax.set_xlabel("lambda_unif")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle("lambda sweep", fontsize=9)
+            ax.legend(fontsize=7 if len(series) == 1 else 5)
+    fig.suptitle("lambda sweep" + (f" ({', '.join(terms)})" if len(terms) > 1 else ""), fontsize=9)
     fig.tight_layout()
     return report.save_figure(fig, path)
 
@@ -167,8 +232,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = report.markdown_table(rows, COLUMNS)
-    (out / "sweep.md").write_text(table + "\naccuracies in %; losses and effective rank from the last line that has them\n")
-    report.write_csv(out / "sweep.csv", rows, [*COLUMNS, "model", "linprobe_source", "path"])
+    (out / "sweep.md").write_text(table + "\naccuracies in %; losses and effective rank from the last line that has them; "
+                                  "reg: the term (square: U-MAE's, train_loss_unif; TCR: M-MAE's coding rate, "
+                                  "train_loss_tcr, with uniformity_mu)\n")
+    report.write_csv(out / "sweep.csv", rows, [*COLUMNS, "centering", "model", "linprobe_source", "path"])
     report.write_json(out / "sweep.json", {"rows": rows})
     plot_sweep(rows, out / "sweep.png")
     print(table, end="")
