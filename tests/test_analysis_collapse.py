@@ -45,6 +45,10 @@ def test_spectrum_closed_forms():
     s = collapse.collapse_stats(q * torch.linspace(0.5, 3.0, 8, dtype=torch.float64)[:, None])  # row scale is normalised away
     assert torch.allclose(torch.tensor(s["spectrum"], dtype=torch.float64), torch.ones(8, dtype=torch.float64), atol=1e-10)
     assert abs(s["effective_rank"] - 8.0) < 1e-8
+    # The terms on the same rows: cosines 0 off the diagonal, so unif = 8 / 64; Z^T Z = I, so the
+    # coding-rate loss is -8 log(1 + mu / 8); the centred rank of a centred orthonormal set is 7.
+    assert abs(s["unif"] - 1 / 8) < 1e-12 and abs(s["tcr"] + 8 * math.log(1 + 3 / 8)) < 1e-10
+    assert s["tcr_mu"] == 3.0 and abs(s["effective_rank_centered"] - 7.0) < 1e-6
     # 9 rows along e1 and 4 along e2: singular values sqrt(9), sqrt(4).
     f = torch.cat([torch.tensor([[2.0, 0, 0]]).repeat(9, 1), torch.tensor([[0, 5.0, 0]]).repeat(4, 1)])
     s = collapse.collapse_stats(f)
@@ -52,6 +56,8 @@ def test_spectrum_closed_forms():
     assert abs(s["spectrum"][1] - 2 / 3) < 1e-12 and abs(s["spectrum"][2]) < 1e-12
     p = torch.tensor([0.6, 0.4], dtype=torch.float64)
     assert abs(s["effective_rank"] - math.exp(-(p * p.log()).sum().item())) < 1e-10
+    # Z^T Z = diag(9, 4, 0), mu / D = 1: -(log 10 + log 5); cosines 1 within a group, 0 across.
+    assert abs(s["tcr"] + math.log(10) + math.log(5)) < 1e-5 and abs(s["unif"] - (81 + 16) / 169) < 1e-6
     # All rows parallel: rank one.
     g = torch.Generator().manual_seed(0)  # float64: the float32 round-off alone moves the rank by ~1e-6
     s = collapse.collapse_stats(torch.rand(20, 1, generator=g, dtype=torch.float64).add(0.1)

@@ -8,7 +8,8 @@ spectra of L2-normalised features, and effective rank over training epochs.
 With `--checkpoints`: features of the same `--num_samples` (paper: 100) seeded images of the
 `--split`, `effective_rank` (metrics.effective_rank) of each, and the singular values of the
 row-normalised feature matrix divided by the largest, all checkpoints on one log-scale figure
-(`spectra.png`, numbers in `collapse.json` and `collapse.csv`). With `--runs`: the effective rank
+(`spectra.png`, numbers in `collapse.json` and `collapse.csv`, with the centred rank and the
+U-MAE / M-MAE terms of the same features: `unif`, `tcr` at `--tcr_mu`). With `--runs`: the effective rank
 each training run logged in its `log.txt` (JSON lines with `epoch`) for the `--pool` (default
 `mean`: key `effective_rank_mean`; `cls`: `effective_rank_cls`), plotted over epochs
 (`erank_over_epochs.png`, `erank_over_epochs.csv`).
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .. import checkpoint, metrics
+from .. import checkpoint, losses, metrics
 from . import features as F
 from . import report
 
@@ -36,12 +37,19 @@ log = logging.getLogger("umae")
 # numbers
 
 
-def collapse_stats(feats: torch.Tensor) -> dict[str, Any]:
-    """Effective rank and singular values of L2-normalised `feats` [n, D]; `spectrum` is the
-    singular values divided by the largest (the paper's normalised spectrum)."""
+def collapse_stats(feats: torch.Tensor, tcr_mu: float = 3.0) -> dict[str, Any]:
+    """Effective rank (uncentred, the paper's; and centred) and singular values of L2-normalised
+    `feats` [n, D]; `spectrum` is the singular values divided by the largest (the paper's
+    normalised spectrum). Also the two uniformity terms on the same features, ungathered: U-MAE's
+    mean squared cosine (`unif`, `losses.uniformity_loss`) and M-MAE's coding-rate loss
+    (`tcr`, `losses.coding_rate_loss` with `mu=tcr_mu`, uncentred; lower: more spread)."""
     s = metrics.singular_spectrum(feats)
     return {
         "effective_rank": metrics.effective_rank(feats),
+        "effective_rank_centered": metrics.effective_rank_centered(feats),
+        "unif": float(losses.uniformity_loss(feats, gather=False)),
+        "tcr": float(losses.coding_rate_loss(feats, mu=tcr_mu, gather=False)),
+        "tcr_mu": float(tcr_mu),
         "singular_values": s.tolist(),
         "spectrum": (s / s[0]).tolist() if s[0] > 0 else s.tolist(),
         "num_samples": int(feats.shape[0]),
@@ -141,6 +149,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="one label per checkpoint (or per run when only --runs is given)")
     parser.add_argument("--run_labels", nargs="*", default=None, help="labels of --runs (default: folder names)")
     parser.add_argument("--num_samples", default=100, type=int, help="images for the effective rank (paper: 100; 0: all)")
+    parser.add_argument("--tcr_mu", default=3.0, type=float,
+                        help="mu of the coding-rate value reported beside the rank (M-MAE's term; default 3)")
     parser.add_argument("--random_init", action="store_true",
                         help="add the first checkpoint's architecture freshly initialised (seeded by --seed) as a "
                              "baseline curve, as the paper's Fig. 1b")
@@ -175,7 +185,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 indices = F.random_indices(len(ds), args.num_samples, args.seed)
             feats, _ = F.extract_features(lm.model, ds, indices, device=device, batch_size=args.batch_size,
                                           num_workers=args.num_workers, pool=args.pool)
-            stats = collapse_stats(feats)
+            stats = collapse_stats(feats, args.tcr_mu)
             log.info("%s: effective rank %.2f of %d features (dim %d)", label, stats["effective_rank"],
                      stats["num_samples"], stats["feature_dim"])
             entries.append({"label": label, "checkpoint": str(path), "model": lm.name, **stats})
@@ -188,14 +198,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             model = checkpoint.build_model(record).to(device).eval()
             feats, _ = F.extract_features(model, ds, indices, device=device, batch_size=args.batch_size,
                                           num_workers=args.num_workers, pool=args.pool)
-            stats = collapse_stats(feats)
+            stats = collapse_stats(feats, args.tcr_mu)
             label = f"random init (seed {args.seed})"
             log.info("%s: effective rank %.2f", label, stats["effective_rank"])
             entries.append({"label": label, "checkpoint": "", "model": lm.name, **stats})
         plot_spectra(entries, out / "spectra.png",
                      f"{F.data_name(args.dataset, args.data_path, args.split)}, {entries[0]['num_samples']} images "
                      f"(seed {args.seed}), {args.pool or 'the model'}-pooled features")
-        report.write_csv(out / "collapse.csv", entries, ["label", "effective_rank", "num_samples", "feature_dim", "checkpoint"])
+        report.write_csv(out / "collapse.csv", entries, ["label", "effective_rank", "effective_rank_centered", "unif", "tcr", "tcr_mu",
+                                                          "num_samples", "feature_dim", "checkpoint"])
         result["checkpoints"] = entries
         result["sample"] = {"dataset": args.dataset, "split": args.split, "seed": args.seed,
                             "indices": [int(i) for i in indices]}
@@ -220,7 +231,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     report.write_json(out / "collapse.json", result)
     for e in result.get("checkpoints", []):
-        print(f"{e['label']}: effective rank {e['effective_rank']:.3f} ({e['num_samples']} samples, dim {e['feature_dim']})")
+        print(f"{e['label']}: effective rank {e['effective_rank']:.3f} (centred {e['effective_rank_centered']:.3f}), "
+              f"unif {e['unif']:.4f}, tcr(mu {e['tcr_mu']:g}) {e['tcr']:.3f} ({e['num_samples']} samples, "
+              f"dim {e['feature_dim']})")
     for c in result.get("runs", []):
         last = f"{c['effective_rank'][-1]:.3f} at epoch {c['epochs'][-1]}" if c["epochs"] else "none logged"
         print(f"{c['label']}: last logged effective rank {last}")
