@@ -37,6 +37,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from . import hf
 from .errors import UsageError, UserError, one_line_errors
+from .logger import read_log
 from .models_mae import MaskedAutoencoderViT
 from .models_simmim import SimMIMViT
 from .models_vit import VisionTransformer
@@ -210,19 +211,11 @@ def _write_hf(model: nn.Module, checkpoint: Mapping[str, Any], out: Path) -> str
 
 def last_metrics(log_file: Path) -> dict[str, Any]:
     """The last JSON-lines record of a training `log.txt` (upstream's format) with its numbers; {}
-    without one. (The analysis tools' reader needs their plotting extra; this is three lines.)"""
-    rows = []
+    without one."""
     try:
-        lines = log_file.read_text(encoding="utf-8").splitlines()
+        rows = read_log(log_file)
     except OSError:
         return {}
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
     return {k: v for k, v in rows[-1].items() if isinstance(v, (int, float)) and not isinstance(v, bool)} if rows else {}
 
 

@@ -171,3 +171,17 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a `log.txt` (`RunLog`'s JSON lines, upstream's format); lines that are not
+    JSON objects are skipped. A missing or unreadable file raises `OSError`."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint, losses, metrics
+from ..logger import read_log
 from . import features as F
 from . import report
 
@@ -55,19 +56,6 @@ def collapse_stats(feats: torch.Tensor, tcr_mu: float = 3.0) -> dict[str, Any]:
         "num_samples": int(feats.shape[0]),
         "feature_dim": int(feats.shape[1]),
     }
-
-
-def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON lines of a `log.txt`; lines that are not JSON objects are skipped."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def erank_over_epochs(run_dir: str | Path, key: str = "effective_rank_mean") -> tuple[list[int], list[float]]:

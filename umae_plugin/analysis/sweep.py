@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import report
-from .collapse import read_log
+from ..logger import read_log
 
 log = logging.getLogger("umae")
 
