@@ -21,6 +21,7 @@ from .classify import (ConfigError, claim_output_folder, classifier_args, create
                        mixup_active, prologue, resolve_num_classes)
 from .classify import check_args as check_classifier_args
 from .optim import param_groups_layer_decay, resolve_lr
+from .runtime import adamw_options
 
 log = logging.getLogger("umae")
 
@@ -154,7 +155,7 @@ def _run_finetune(args: argparse.Namespace, run: contextlib.ExitStack | None = N
              args.batch_size * args.accum_iter * rt.world_size, args.lr, args.blr)
     groups = param_groups_layer_decay(model, args.weight_decay, args.layer_decay,
                                       no_weight_decay_list=model.no_weight_decay())
-    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, **adamw_options(rt.device))
 
     if args.eval:
         return evaluate_only(model, val_set, args, rt, resume_state)
