@@ -48,8 +48,10 @@ def test_tsne_cli_two_checkpoints(tmp_path):
          "--dataset", "digits", "--num_classes", "3", "--per_class", "6", "--panel_px", "200", "--max_iter", "250", "--device", "cpu",
          "--output_dir", str(out)])
     img = Image.open(out / "tsne.png")
-    assert img.size == (400, 200) and img.format == "PNG"
+    assert img.size == (400, 240) and img.format == "PNG"  # two 200 px panels under a 40 px title
     rows = list(csv.DictReader(open(out / "tsne.csv")))
     assert len(rows) == 2 * 18 and {r["label"] for r in rows} == {"MAE", "U-MAE"}
     result = json.loads((out / "tsne.json").read_text())
     assert len(result["coords"]["MAE"]) == 18 and len(set(result["classes"])) == 3
+    assert result["settings"]["title"] == ("t-SNE of 18 digits val images (3 classes, sample seed 0), "
+                                           "L2-normalised each model's own pooled encoder features")

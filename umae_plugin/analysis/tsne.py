@@ -53,9 +53,10 @@ def silhouette(feats: np.ndarray, labels: np.ndarray) -> float | None:
 
 
 def plot_panels(panels: Sequence[dict[str, Any]], labels: np.ndarray, class_names: Sequence[str],
-                path: str | Path, panel_px: int = 480) -> Path:
-    """One square scatter panel per entry of `panels` ({"label", "coords"}), `panel_px` each."""
-    fig = report.new_figure(panel_px * len(panels), panel_px)
+                path: str | Path, panel_px: int = 480, title: str = "") -> Path:
+    """One square scatter panel per entry of `panels` ({"label", "coords"}), `panel_px` each, under
+    `title` (what the data and features are)."""
+    fig = report.new_figure(panel_px * len(panels), panel_px + (40 if title else 0))
     classes = np.unique(labels)
     cmap = "tab10" if len(classes) <= 10 else "tab20"
     from matplotlib import colormaps
@@ -77,6 +78,8 @@ def plot_panels(panels: Sequence[dict[str, Any]], labels: np.ndarray, class_name
     if len(classes) <= 20:
         fig.axes[-1].legend(fontsize=6, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                             borderaxespad=0.0)  # beside the points, never over them
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return report.save_figure(fig, path)
 
@@ -120,7 +123,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         panels.append({"label": label, "checkpoint": str(path), "coords": coords, "kl_divergence": kl,
                        "silhouette": silhouette(feats_np, class_labels)})
     class_names = list(getattr(ds, "classes", [])) or [str(c) for c in range(int(class_labels.max()) + 1)]
-    plot_panels(panels, class_labels, class_names, out / "tsne.png", args.panel_px)
+    pooled = f"{args.pool}-pooled" if args.pool else "each model's own pooled"
+    title = (f"t-SNE of {len(class_labels)} {F.data_name(args.dataset, args.data_path, args.split)} images "
+             f"({len(np.unique(class_labels))} classes, sample seed {args.seed}), "
+             f"{'raw' if args.no_l2 else 'L2-normalised'} {pooled} encoder features")
+    plot_panels(panels, class_labels, class_names, out / "tsne.png", args.panel_px, title=title)
     rows = [{"label": p["label"], "index": int(i), "class": int(c), "x": float(x), "y": float(y)}
             for p in panels for i, c, (x, y) in zip(indices, class_labels, p["coords"])]
     report.write_csv(out / "tsne.csv", rows, ["label", "index", "class", "x", "y"])
@@ -130,7 +137,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "classes": [int(c) for c in class_labels],
         "coords": {p["label"]: np.asarray(p["coords"]).tolist() for p in panels},
         "settings": {"dataset": args.dataset, "split": args.split, "seed": args.seed,
-                     "perplexity": args.perplexity, "max_iter": args.max_iter, "l2_normalised": not args.no_l2},
+                     "perplexity": args.perplexity, "max_iter": args.max_iter, "l2_normalised": not args.no_l2,
+                     "pool": args.pool, "title": title},
     }
     report.write_json(out / "tsne.json", result)
     for p in result["panels"]:
