@@ -40,6 +40,17 @@ def test_embed_separates_obvious_clusters():
     assert tsne.silhouette(feats, np.repeat([0, 1], 15)) > 0.9
 
 
+def test_figure_title_is_the_given_one_above_each_panels_own(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(tsne.report, "save_figure", lambda fig, path: saved.append(fig) or path)
+    panels = [{"label": name, "coords": np.zeros((4, 2)), "silhouette": 0.5} for name in ("A", "B")]
+    tsne.plot_panels(panels, np.array([0, 0, 1, 1]), ["x", "y"], tmp_path / "t.png", 100, title="the data")
+    fig = saved[0]
+    assert fig._suptitle.get_text() == "the data"
+    assert [ax.get_title() for ax in fig.axes] == [
+        f"{name}\n(cosine silhouette of the features, not of this embedding: 0.500)" for name in ("A", "B")]
+
+
 def test_tsne_cli_two_checkpoints(tmp_path):
     micro_checkpoint(tmp_path / "mae.pth", 0)
     micro_checkpoint(tmp_path / "umae.pth", 1)

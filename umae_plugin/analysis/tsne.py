@@ -69,10 +69,10 @@ def plot_panels(panels: Sequence[dict[str, Any]], labels: np.ndarray, class_name
             sel = labels == c
             name = class_names[c] if c < len(class_names) else str(c)
             ax.scatter(coords[sel, 0], coords[sel, 1], s=6, color=colours(i), label=name)
-        title = panel["label"]
+        panel_title = panel["label"]
         if panel.get("silhouette") is not None:
-            title += f"\n(cosine silhouette of the features, not of this embedding: {panel['silhouette']:.3f})"
-        ax.set_title(title, fontsize=9)
+            panel_title += f"\n(cosine silhouette of the features, not of this embedding: {panel['silhouette']:.3f})"
+        ax.set_title(panel_title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     if len(classes) <= 20:
