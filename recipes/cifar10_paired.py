@@ -246,9 +246,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     for r in sorted(rows, key=lambda r: (int(r["seed"]), list(ARMS).index(r["arm"]))):
         lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(cell(r, k) for k in per_seed) + " |")
     shorts = [LABELS[a][1] for a in others]
-    lines += ["", "Per arm: mean over the seeds that arm has finished (per-seed table above). Paired difference: arm minus MAE on the same seed, mean and 95% t "
-              "interval over the pairs. Detectable: the true difference a paired t test at 5% would find with "
-              "80% power given the pairs' spread ((t_0.975 + t_0.80) sd / sqrt(n)).", "",
+    lines += ["", "Per arm: mean over the seeds that arm has finished (per-seed table above). Paired difference: "
+              "arm minus MAE on the same seed, mean and 95% t interval over the pairs. Detectable: the true "
+              "difference a paired t test at 5% would find with 80% power given the pairs' spread "
+              "((t_0.975 + t_0.80) sd / sqrt(n)).", "",
               "| measure | " + " | ".join(LABELS[a][0] for a in arms) + " | "
               + " | ".join(f"{short} - MAE" for short in shorts) + f" | detectable ({', '.join(shorts)}) |",
               "|---|" + "---|" * (len(arms) + len(others) + 1)]
