@@ -3,7 +3,8 @@ paired differences with 95% t intervals; M-MAE as an optional fourth arm.
 
     python recipes/cifar10_paired.py run              # all nine runs; skips those already in the CSV
     python recipes/cifar10_paired.py run --arms mae,umae_cls,umae_mean,mmae_cls   # with the M-MAE arm
-    python recipes/cifar10_paired.py report           # docs/results/cifar10_paired.md from the CSV
+    python recipes/cifar10_paired.py baselines        # probes without pre-training: the runs' initial weights, raw pixels
+    python recipes/cifar10_paired.py report           # docs/results/cifar10_paired.md from the CSV(s)
     SMOKE=1 python recipes/cifar10_paired.py run --out /tmp/smoke   # digits, tiny model, one seed (CI)
 
 Setting (the evidence issue's): ViT-Tiny, 32 px, patch 4, 128-d 2-block decoder, norm-pix, mask
@@ -27,6 +28,14 @@ interrupted recipe is simply started again. Each finished run appends one row to
 per arm and seed); with `--commit` the CSV is committed after every run. Columns added since a CSV
 was started (`train_loss_tcr`) are appended to its header when the first row that has them is
 written; older rows read them as empty.
+
+Baselines (`baselines`, `docs/results/cifar10_paired_baselines.csv`): what the same probes reach
+without pre-training. Random initialisation: for each seed, the exact weights the paired runs of
+that seed start from (the pre-training model built from the recipe's flags after
+`torch.manual_seed(seed)`, as `main_pretrain.py` builds it; tests/test_recipes.py checks it
+bitwise), probed by the same `main_linprobe.py` command as a finished run (both pools, lr search,
+20-NN). Raw pixels (once): the same eval-transformed images flattened, a logistic regression
+(scikit-learn, not the LARS probe) and the same 20-NN (`umae_plugin.baselines`).
 """
 from __future__ import annotations
 
@@ -116,12 +125,12 @@ def read_header(path: Path) -> list[str]:
         return next(csv.reader(f), [])
 
 
-def append_row(path: Path, row: dict) -> None:
-    """Append `row`; a CSV started with fewer columns first gets the missing ones appended to its
+def append_row(path: Path, row: dict, columns: list[str] = COLUMNS) -> None:
+    """Append `row`; a CSV started with fewer `columns` first gets the missing ones appended to its
     header (its rows rewritten with them empty, atomically), so the file stays one table."""
     path.parent.mkdir(parents=True, exist_ok=True)
     header = read_header(path) if path.is_file() else []
-    fields = header + [c for c in COLUMNS if c not in header]
+    fields = header + [c for c in columns if c not in header]
     if header and fields != header:
         rows = read_rows(path)
         tmp = path.with_name(path.name + ".tmp")
@@ -148,13 +157,28 @@ def run(cmd: list[str]) -> float:
     return time.time() - start
 
 
+WORKERS = "0" if SMOKE else "2"
+
+
+def data_flags() -> list[str]:
+    return ["--dataset", "digits"] if SMOKE else ["--dataset", "imagefolder", "--data_path", str(data_root())]
+
+
+def probe(checkpoint: Path, pool_flag: str, seed: int, folder: Path) -> float:
+    """The probe of every row: cached features of `checkpoint`'s encoder, both pools (`pool_flag`
+    only names the headline one), lr searched on held-out training images, 20-NN; seconds taken."""
+    return run([sys.executable, "main_linprobe.py", "--model", "vit_tiny_patch16", "--finetune", str(checkpoint),
+                "--cache_features", "--lr_search", pool_flag, *data_flags(), "--nb_classes", "10",
+                "--epochs", "100", "--warmup_epochs", "10", "--batch_size", "256", "--lr", "1.0",
+                "--seed", str(seed), "--device", "cpu", "--num_workers", WORKERS,
+                "--output_dir", str(folder), "--log_dir", str(folder), "--resume", "auto"])
+
+
 def one_run(arm: str, seed: int, out: Path) -> dict:
     folder = out / f"{arm}_seed{seed}"
-    data = ["--dataset", "digits"] if SMOKE else ["--dataset", "imagefolder", "--data_path", str(data_root())]
-    workers = "0" if SMOKE else "2"
-    pretrain_s = run([sys.executable, "main_pretrain.py", *MODEL, *ARMS[arm], *TRAIN, *data, "--seed", str(seed),
-                      "--device", "cpu", "--num_workers", workers, "--online_probe", "--val-interval", "1000",
-                      "--erank_freq", "1000", "--save_freq", "1000", "--print_freq", "50",
+    pretrain_s = run([sys.executable, "main_pretrain.py", *MODEL, *ARMS[arm], *TRAIN, *data_flags(),
+                      "--seed", str(seed), "--device", "cpu", "--num_workers", WORKERS, "--online_probe",
+                      "--val-interval", "1000", "--erank_freq", "1000", "--save_freq", "1000", "--print_freq", "50",
                       "--output_dir", str(folder), "--log_dir", str(folder), "--resume", "auto"])
     lines = log_lines(folder)
     row: dict = {"arm": arm, "seed": seed, "epochs": EPOCHS}
@@ -163,14 +187,9 @@ def one_run(arm: str, seed: int, out: Path) -> dict:
     for k in PERCENT:
         if row[k] != "":
             row[k] = 100.0 * float(row[k])
-    probe = folder / "linprobe"
-    probe_s = run([sys.executable, "main_linprobe.py", "--model", "vit_tiny_patch16",
-                   "--finetune", str(folder / "checkpoint-last.pth"), "--cache_features", "--lr_search",
-                   *(["--cls_token"] if arm.endswith("_cls") else ["--global_pool"]), *data, "--nb_classes", "10",
-                   "--epochs", "100", "--warmup_epochs", "10", "--batch_size", "256", "--lr", "1.0",
-                   "--seed", str(seed), "--device", "cpu", "--num_workers", workers,
-                   "--output_dir", str(probe), "--log_dir", str(probe), "--resume", "auto"])
-    last = log_lines(probe)[-1]
+    probe_s = probe(folder / "checkpoint-last.pth", "--cls_token" if arm.endswith("_cls") else "--global_pool", seed,
+                    folder / "linprobe")
+    last = log_lines(folder / "linprobe")[-1]
     row.update({k: last.get(k, "") for k in PROBE_KEYS})
     row.update(pretrain_s=round(pretrain_s), probe_s=round(probe_s))
     return row
@@ -200,6 +219,74 @@ def cmd_run(args: argparse.Namespace) -> None:
             print(f"done {arm} seed {seed}: {row}", flush=True)
             if args.commit:
                 commit(args.csv, f"docs/results: CIFAR-10 paired run {arm} seed {seed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines: the probes without pre-training
+
+BASELINE_COLUMNS = ["baseline", "seed", "feature", "linear_acc1", "knn_acc1", "probe_lr", "seconds"]
+
+
+def baselines_csv(path: Path) -> Path:
+    return path.with_name(f"{path.stem}_baselines.csv")
+
+
+def initial_weights(seed: int, flags: list[str] | None = None) -> tuple[dict, dict]:
+    """(state dict, "model_args" record) of the model `main_pretrain.py` builds from `flags`
+    (default: the recipe's MAE arm) with `--seed seed`, before its first step: the record its
+    checkpoints carry, built after `torch.manual_seed(seed)` as the run does (one process)."""
+    import torch
+
+    from umae_plugin import checkpoint, pretrain
+    args = pretrain.get_args_parser().parse_args([*(flags or [*MODEL, *ARMS["mae"], *TRAIN]), "--seed", str(seed)])
+    record = pretrain.pretrain_model_args(args)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = checkpoint.build_model(record)
+    return model.state_dict(), record
+
+
+def raw_pixel_row() -> dict:
+    """Raw pixels of the eval-transformed images (the probe's): logistic regression and 20-NN, in %."""
+    from umae_plugin import baselines, data
+    start = time.time()
+    name, path = ("digits", None) if SMOKE else ("imagefolder", data_root())
+    train_set, val_set = (data.build_dataset(name, path, split, data.eval_transform(32)) for split in ("train", "val"))
+    stats = baselines.raw_pixel_baselines(train_set, val_set, num_classes=10, k=20, temperature=0.07, seed=0,
+                                          num_workers=int(WORKERS))
+    return {"baseline": "raw_pixels", "seed": 0, "feature": "pixels",
+            "linear_acc1": 100 * stats["raw_pixels_logreg_acc1"], "knn_acc1": 100 * stats["raw_pixels_knn_acc1"],
+            "probe_lr": "", "seconds": round(time.time() - start)}
+
+
+def cmd_baselines(args: argparse.Namespace) -> None:
+    from umae_plugin import checkpoint
+    path = baselines_csv(args.csv)
+    done = {(r["baseline"], int(r["seed"])) for r in read_rows(path)}
+    todo = [("raw_pixels", 0)] + [("random_init", seed) for seed in SEEDS]
+    for kind, seed in todo:
+        if (kind, seed) in done:
+            print(f"skip {kind} seed {seed}: in {path}", flush=True)
+            continue
+        if kind == "raw_pixels":
+            rows = [raw_pixel_row()]
+        else:
+            folder = args.out / f"init_seed{seed}"
+            init = folder / "checkpoint-init.pth"
+            if not init.is_file():
+                state, record = initial_weights(seed)
+                folder.mkdir(parents=True, exist_ok=True)
+                checkpoint.save_atomic({"model": state, checkpoint.MODEL_ARGS_KEY: record, "epoch": -1}, init)
+            seconds = probe(init, "--global_pool", seed, folder / "linprobe")
+            last = log_lines(folder / "linprobe")[-1]
+            rows = [{"baseline": kind, "seed": seed, "feature": pool, "linear_acc1": last[f"test_acc1_{pool}"],
+                     "knn_acc1": last[f"knn_acc1_{pool}"], "probe_lr": last[f"probe_lr_{pool}"],
+                     "seconds": round(seconds)} for pool in ("cls", "mean")]
+        for row in rows:
+            append_row(path, row, BASELINE_COLUMNS)
+        print(f"done {kind} seed {seed}: {rows}", flush=True)
+        if args.commit:
+            commit(path, f"docs/results: CIFAR-10 paired baseline {kind} seed {seed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,10 +350,37 @@ def cmd_report(args: argparse.Namespace) -> None:
         intervals = " | ".join(paired.format_interval(d, digits(key)) for d in diffs)
         lines.append(f"| {label} | {' | '.join(means)} | {intervals} | "
                      + ", ".join("-" if x is None else f"{x:.{digits(key)}f}" for x in detect) + " |")
+    lines += baseline_table(read_rows(baselines_csv(args.csv)))
     out = args.csv.with_suffix(".md")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out}")
+
+
+def baseline_table(rows: list[dict[str, str]]) -> list[str]:
+    """The report's baselines: each probe without pre-training, mean over seeds (per seed after)."""
+    if not rows:
+        return ["", "Baselines (no pre-training): not measured yet (`python recipes/cifar10_paired.py baselines`)."]
+    lines = ["", "Baselines without pre-training, the same images and probes (`python recipes/cifar10_paired.py "
+             "baselines`): random initialisation is the exact starting weights of each seed's paired runs, "
+             "probed by the same command as a finished run; raw pixels use a logistic regression (scikit-learn, "
+             "lbfgs, 200 iterations) instead of the LARS probe. Mean over seeds (per seed).", "",
+             "| baseline | feature | seeds | linear probe (%) | 20-NN (%) | probe lr |", "|---|---|---|---|---|---|"]
+    names = {"random_init": "random initialisation", "raw_pixels": "raw pixels"}
+    features = {"cls": "class token", "mean": "mean pool", "pixels": "pixels"}
+    for kind, feature in dict.fromkeys((r["baseline"], r["feature"]) for r in rows):
+        group = sorted((r for r in rows if (r["baseline"], r["feature"]) == (kind, feature)), key=lambda r: int(r["seed"]))
+
+        def summary(key: str) -> str:
+            vals = [float(r[key]) for r in group if r.get(key) not in ("", None)]
+            if not vals:
+                return "-"
+            each = f" ({', '.join(f'{v:.2f}' for v in vals)})" if len(vals) > 1 else ""
+            return f"{statistics.fmean(vals):.2f}{each}"
+        lrs = ", ".join(f"{float(r['probe_lr']):g}" for r in group if r.get("probe_lr") not in ("", None)) or "-"
+        lines.append(f"| {names.get(kind, kind)} | {features.get(feature, feature)} | "
+                     f"{', '.join(r['seed'] for r in group)} | {summary('linear_acc1')} | {summary('knn_acc1')} | {lrs} |")
+    return lines
 
 
 def arm_list(text: str) -> list[str]:
@@ -280,18 +394,18 @@ def arm_list(text: str) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["run", "report"])
+    p.add_argument("command", choices=["run", "baselines", "report"])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("UMAE_RUNS", "/tmp/umae-runs/cifar10_paired")),
                    help="run folders (outside the work tree)")
     p.add_argument("--csv", type=Path, default=None,
                    help="one row per arm and seed (default: docs/results/cifar10_paired.csv; <out>/smoke.csv with SMOKE=1)")
-    p.add_argument("--commit", action="store_true", help="git-commit the CSV after every finished run")
+    p.add_argument("--commit", action="store_true", help="git-commit the CSV after every finished run (or baseline)")
     p.add_argument("--arms", type=arm_list, default=list(DEFAULT_ARMS), metavar="ARM,ARM,...",
                    help=f"arms to run, in this order (known: {', '.join(ARMS)}); the report adds any arm in the CSV")
     args = p.parse_args()
     if args.csv is None:
         args.csv = args.out / "smoke.csv" if SMOKE else ROOT / "docs" / "results" / "cifar10_paired.csv"
-    (cmd_run if args.command == "run" else cmd_report)(args)
+    {"run": cmd_run, "baselines": cmd_baselines, "report": cmd_report}[args.command](args)
 
 
 if __name__ == "__main__":

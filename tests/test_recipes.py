@@ -52,6 +52,20 @@ def test_paired_recipe_smoke(tmp_path):
     table = (tmp_path / "smoke.md").read_text()
     assert "| measure | MAE | U-MAE cls | U-MAE mean | M-MAE cls |" in table
     assert "| TCR term, mu 3 (last epoch, train) | - | - | - |" in table
+    assert "Baselines (no pre-training): not measured yet" in table
+
+    base = recipe("baselines", out=tmp_path)
+    assert base.returncode == 0, base.stderr[-3000:]
+    rows = rows_of(tmp_path / "smoke_baselines.csv")
+    assert [(r["baseline"], r["seed"], r["feature"]) for r in rows] == [
+        ("raw_pixels", "0", "pixels"), ("random_init", "0", "cls"), ("random_init", "0", "mean")]
+    assert all(0 <= float(r["linear_acc1"]) <= 100 and 0 <= float(r["knn_acc1"]) <= 100 for r in rows)
+    assert rows[0]["probe_lr"] == "" and float(rows[1]["probe_lr"]) > 0
+    assert recipe("baselines", out=tmp_path).stdout.count("skip ") == 2
+    recipe("report", out=tmp_path)
+    table = (tmp_path / "smoke.md").read_text()
+    assert f"| random initialisation | mean pool | 0 | {float(rows[2]['linear_acc1']):.2f} |" in table
+    assert f"| raw pixels | pixels | 0 | {float(rows[0]['linear_acc1']):.2f} |" in table
 
 
 def test_unknown_arm_is_refused(tmp_path):
@@ -64,6 +78,29 @@ def load_recipe():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.mark.slow  # one short pre-training run: ~20 s on 2 CPU cores
+def test_random_init_baseline_is_the_runs_exact_starting_weights(tmp_path):
+    """A pre-training run at lr 0 keeps its initial weights (AdamW moves nothing at lr 0): its
+    checkpoint must equal, bitwise, what the baseline builds for the same flags and seed."""
+    import torch
+
+    from umae_plugin import checkpoint
+    flags = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "4", "--embed_dim", "32",
+             "--depth", "1", "--num_heads", "2", "--decoder_embed_dim", "16", "--decoder_depth", "1",
+             "--decoder_num_heads", "2", "--norm_pix_loss", "--lambda_unif", "0", "--batch_size", "128",
+             "--epochs", "1", "--lr", "0", "--dataset", "digits"]
+    proc = subprocess.run([sys.executable, "main_pretrain.py", *flags, "--seed", "3", "--device", "cpu",
+                           "--num_workers", "0", "--erank_freq", "0", "--output_dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = checkpoint.torch_load(tmp_path / "checkpoint-last.pth")
+    state, record = load_recipe().initial_weights(3, flags)
+    assert record == saved["model_args"] and state.keys() == saved["model"].keys()
+    assert all(torch.equal(state[k], saved["model"][k]) for k in state)
+    other, _ = load_recipe().initial_weights(4, flags)  # and the seed matters
+    assert not torch.equal(other["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
 
 
 def test_a_csv_started_without_a_column_takes_it_and_keeps_its_rows(tmp_path):
