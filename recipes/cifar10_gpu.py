@@ -34,7 +34,9 @@ unmasked; `measure_collapse` (effective rank uncentred and centred, uniformity) 
 images; both at initialisation and every 5 epochs. At the end: the cached-feature linear probe of
 `linprobe_cached.probe_features` on the unmasked train / val features of each pool (LARS, 100
 epochs, batch 4096, lr = 0.1 * 4096 / 256 = 1.6 times a factor picked on a held-out 10% of the
-training set, 10 warm-up epochs) and weighted 20-NN.
+training set, 10 warm-up epochs) and weighted 20-NN. Baselines, in each MAE run (the same probes,
+no pre-training): the exact initial weights every arm of that seed starts from, both pools, and the
+normalised raw pixels (`baseline_probes`; the report's baselines table).
 
 Plan (`python recipes/cifar10_gpu.py plan`; FLOPs measured on the CPU with `FlopCounterMode`,
 which counts matmuls and attention: forward and backward of one masked batch plus both online
@@ -438,6 +440,10 @@ def train_run(arm: str, seed: int, st: Setting, arrays: dict[str, np.ndarray], d
         probe.update({f"test_acc1_{p}": 100.0 * res["acc1"], f"knn_acc1_{p}": 100.0 * res["knn_acc1"],
                       f"probe_lr_{p}": res["probe_lr"]})
     probe_s = time.perf_counter() - probe_start
+    if arm == "mae":  # the baselines of this seed, once (every arm starts from the same weights)
+        probe.update(baseline_probes(st, seed, (train_x, train_y), (val_x, val_y), num_classes, autocast))
+        log(f"{tag} baselines: linear probe at initialisation mean/cls {probe['init_test_acc1_mean']:.2f}/"
+            f"{probe['init_test_acc1_cls']:.2f}%, raw pixels {probe['pixels_test_acc1']:.2f}%")
 
     final, init = history[-1], history[0]
     row = {k: final[k] for k in PRETRAIN_KEYS}
@@ -452,6 +458,35 @@ def train_run(arm: str, seed: int, st: Setting, arrays: dict[str, np.ndarray], d
     return dict(row=row, history=history, epoch_log=epoch_log, erank_images=len(erank_images))
 
 
+def baseline_probes(st: Setting, seed: int, train: tuple[torch.Tensor, torch.Tensor],
+                    val: tuple[torch.Tensor, torch.Tensor], num_classes: int, autocast) -> dict[str, float]:
+    """What the same probes reach without pre-training (accuracies in percent): the exact initial
+    weights of this seed's runs (rebuilt after `torch.manual_seed(seed)`, as `train_run` builds them),
+    both pools (`init_*`), and the normalised raw pixels, 3 x 32 x 32 values per image (`pixels_*`).
+    The global random state is left as it was."""
+    (train_x, train_y), (val_x, val_y) = train, val
+    device = train_x.device
+    sets = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = build_model(st, "mae").to(device)
+        feats = [pooled_features(model, x, st.eval_batch, autocast) for x in (train_x, val_x)]
+        sets.update({f"init_{p}": (feats[0][p], feats[1][p]) for p in POOLS})
+        sets["pixels"] = tuple(torch.cat([normalize(chunk).flatten(1) for chunk in x.split(st.eval_batch)])
+                               for x in (train_x, val_x))
+        del model, feats
+        out = {}
+        for name, (tr, va) in sets.items():
+            res = probe_features(tr, train_y, va, val_y, num_classes=num_classes, epochs=st.probe_epochs,
+                                 batch_size=min(st.probe_batch, len(train_y)), lr=st.probe_lr,
+                                 warmup_epochs=st.probe_warmup, seed=seed, lr_search=True, k=st.knn_k)
+            what, pool = name.split("_") if name != "pixels" else ("pixels", "")
+            suffix = f"_{pool}" if pool else ""
+            out.update({f"{what}_test_acc1{suffix}": 100.0 * res["acc1"],
+                        f"{what}_knn_acc1{suffix}": 100.0 * res["knn_acc1"]})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # run: skip finished runs, spread the rest over processes sharing the device
 
@@ -464,8 +499,10 @@ PRETRAIN_KEYS = [
 INIT_KEYS = ["effective_rank_init_mean", "effective_rank_init_cls", "effective_rank_centered_init_mean",
              "effective_rank_centered_init_cls", "unif_init_mean", "unif_init_cls"]
 PROBE_KEYS = ["test_acc1_mean", "test_acc1_cls", "knn_acc1_mean", "knn_acc1_cls", "probe_lr_mean", "probe_lr_cls"]
+BASELINE_KEYS = ["init_test_acc1_mean", "init_test_acc1_cls", "init_knn_acc1_mean", "init_knn_acc1_cls",
+                 "pixels_test_acc1", "pixels_knn_acc1"]  # the MAE rows only (`baseline_probes`)
 COLUMNS = ["arm", "seed", "epochs", "batch_size", "blr", "lr", *PRETRAIN_KEYS, *INIT_KEYS, *PROBE_KEYS,
-           "pretrain_s", "probe_s", "img_per_s", "device"]
+           "pretrain_s", "probe_s", "img_per_s", "device", *BASELINE_KEYS]
 
 
 def run_folder(out: Path, arm: str, seed: int) -> Path:
@@ -615,9 +652,31 @@ def markdown(results: list[dict], csv_name: str, png_name: str | None) -> str:
         diffs = [paired.format_interval(paired.paired_differences(rows, arm, key))
                  for arm in ("umae_cls", "umae_mean")]
         lines.append(f"| {label} | {' | '.join(means)} | {' | '.join(diffs)} |")
+    lines += baseline_lines(rows)
     if png_name:
         lines += ["", f"![effective rank and masked online-probe accuracy over epochs]({png_name})"]
     return "\n".join(lines) + "\n"
+
+
+def baseline_lines(rows: list[dict]) -> list[str]:
+    """The baselines table: the same probes without pre-training (measured in the MAE runs)."""
+    base = [r for r in rows if r.get("init_test_acc1_mean") not in ("", None)]
+    if not base:
+        return ["", "Baselines without pre-training: none in these runs (made before the recipe measured them)."]
+    lines = ["", "Baselines without pre-training, the same probes (lr search, LARS, 20-NN) on the same images, "
+             f"measured in the MAE runs (seeds {', '.join(str(r['seed']) for r in base)}): the exact initial "
+             "weights every arm of a seed starts from, and the normalised raw pixels (3 x 32 x 32 values). "
+             "Mean over seeds (per seed).", "", "| baseline | linear probe (%) | 20-NN (%) |", "|---|---|---|"]
+    for label, suffix in (("random initialisation, class token", "_cls"), ("random initialisation, mean pool", "_mean"),
+                          ("raw pixels", "")):
+        prefix = "pixels" if not suffix else "init"
+        cells = []
+        for key in (f"{prefix}_test_acc1{suffix}", f"{prefix}_knn_acc1{suffix}"):
+            vals = [float(r[key]) for r in base]
+            each = f" ({', '.join(f'{v:.2f}' for v in vals)})" if len(vals) > 1 else ""
+            cells.append(f"{statistics.fmean(vals):.2f}{each}")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return lines
 
 
 CURVES = [("effective_rank_mean", "effective rank, mean pool"), ("effective_rank_cls", "effective rank, class token"),

@@ -3,7 +3,7 @@ paired differences with 95% t intervals; M-MAE as an optional fourth arm.
 
     python recipes/cifar10_paired.py run              # all nine runs; skips those already in the CSV
     python recipes/cifar10_paired.py run --arms mae,umae_cls,umae_mean,mmae_cls   # with the M-MAE arm
-    python recipes/cifar10_paired.py baselines        # probes without pre-training: the runs' initial weights, raw pixels
+    python recipes/cifar10_paired.py baselines        # the probes at the runs' initial weights; raw pixels
     python recipes/cifar10_paired.py report           # docs/results/cifar10_paired.md from the CSV(s)
     SMOKE=1 python recipes/cifar10_paired.py run --out /tmp/smoke   # digits, tiny model, one seed (CI)
 
@@ -369,7 +369,8 @@ def baseline_table(rows: list[dict[str, str]]) -> list[str]:
     names = {"random_init": "random initialisation", "raw_pixels": "raw pixels"}
     features = {"cls": "class token", "mean": "mean pool", "pixels": "pixels"}
     for kind, feature in dict.fromkeys((r["baseline"], r["feature"]) for r in rows):
-        group = sorted((r for r in rows if (r["baseline"], r["feature"]) == (kind, feature)), key=lambda r: int(r["seed"]))
+        group = sorted((r for r in rows if (r["baseline"], r["feature"]) == (kind, feature)),
+                       key=lambda r: int(r["seed"]))
 
         def summary(key: str) -> str:
             vals = [float(r[key]) for r in group if r.get(key) not in ("", None)]
@@ -378,8 +379,9 @@ def baseline_table(rows: list[dict[str, str]]) -> list[str]:
             each = f" ({', '.join(f'{v:.2f}' for v in vals)})" if len(vals) > 1 else ""
             return f"{statistics.fmean(vals):.2f}{each}"
         lrs = ", ".join(f"{float(r['probe_lr']):g}" for r in group if r.get("probe_lr") not in ("", None)) or "-"
-        lines.append(f"| {names.get(kind, kind)} | {features.get(feature, feature)} | "
-                     f"{', '.join(r['seed'] for r in group)} | {summary('linear_acc1')} | {summary('knn_acc1')} | {lrs} |")
+        seeds = ", ".join(r["seed"] for r in group)
+        lines.append(f"| {names.get(kind, kind)} | {features.get(feature, feature)} | {seeds} | "
+                     f"{summary('linear_acc1')} | {summary('knn_acc1')} | {lrs} |")
     return lines
 
 
