@@ -49,7 +49,8 @@ of compute), and eager PyTorch spends host time on each of the ~1,570 ATen ops a
 be host-bound at ~5.7 min for the nine runs. The runs therefore go in three worker processes sharing
 the GPU (`--procs 3`, one arm each, seed-major), whose host work overlaps: expected ~2-4 min of GPU
 time for the nine pre-trainings (2.1 min if the overlap is complete; no worse than ~5.7 min), plus
-~1 min for data decoding, the evaluations (~15 s of compute in all) and the probes. 100 epochs
+~1 min for data decoding, the evaluations (~15 s of compute in all) and the probes (18 for the
+runs, 9 for the baselines: small LARS steps, host-bound like training). 100 epochs of pre-training
 therefore fit the 6 minutes under these assumptions; every run prints its seconds per epoch and
 images per second and the report states them, which checks the assumption. `--compile`
 (`torch.compile` of each transformer block; off by default; tried on the CPU only) cuts the op
