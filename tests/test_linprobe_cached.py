@@ -129,7 +129,7 @@ def test_train_linear_head_resumes_and_stops_on_nan():
 
 
 # ---------------------------------------------------------------------------------------------
-# both pools in one pass, stratified split, lr search
+# the named features in one pass, stratified split, lr search
 
 
 def micro_classifiers():
@@ -147,8 +147,10 @@ def micro_classifiers():
     return gp, ct
 
 
-def test_cls_and_mean_features_are_each_classifiers_own_pooling():
+def test_named_features_are_defined_once_whatever_the_classifier_flag():
     import copy
+
+    from umae_plugin.linprobe_cached import NamedFeatures
 
     gp, ct = micro_classifiers()
     x = torch.randn(5, 3, 32, 32)
@@ -156,37 +158,72 @@ def test_cls_and_mean_features_are_each_classifiers_own_pooling():
     for model in (gp, ct):
         model.blocks.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        gp_cls, gp_mean = linprobe_cached.cls_and_mean_features(gp, x)
-        ct_cls, ct_mean = linprobe_cached.cls_and_mean_features(ct, x)
-        assert len(calls) == 2  # one pass of the blocks per model for both pools
-        # the requested pool is exactly the classifier's forward_features
-        assert torch.equal(gp_mean, gp.forward_features(x)) and torch.equal(ct_cls, ct.forward_features(x))
-        # global-pool classifier, class token: its own token pooling (no final norm, no fc_norm)
-        gp_token = copy.deepcopy(gp)
-        gp_token.global_pool, gp_token.fc_norm = "token", nn.Identity()
-        torch.testing.assert_close(gp_cls, gp_token.forward_features(x), rtol=0, atol=0)
-        # class-token classifier, mean pool: the average of the final-normed patch tokens
+        # the same encoder, final norm and fc_norm, read through either classifier: identical features
+        via_gp = NamedFeatures(gp, final_norm=ct.norm, fc_norm=gp.fc_norm)(x)
+        via_ct = NamedFeatures(ct, final_norm=ct.norm, fc_norm=gp.fc_norm)(x)
+        assert len(calls) == 2  # one pass of the blocks for all three features
+        assert set(via_gp) == set(via_ct) == {"cls", "mean", "gpool"}
+        for name in via_gp:
+            assert torch.equal(via_gp[name], via_ct[name]), name
+        # each feature is what the classifier that reads it computes (timm's own pooling)
+        assert torch.equal(via_ct["cls"], ct.forward_features(x))  # --cls_token: class token after norm
+        assert torch.equal(via_gp["gpool"], gp.forward_features(x))  # --global_pool: fc_norm of un-normed mean
         ct_avg = copy.deepcopy(ct)
-        ct_avg.global_pool = "avg"
-        torch.testing.assert_close(ct_mean, ct_avg.forward_features(x), rtol=0, atol=0)
-        tokens = ct.norm(ct.blocks(ct._pos_embed(ct.patch_embed(x))))
-        torch.testing.assert_close(ct_mean, tokens[:, 1:].mean(1))
-        # same encoder: the global-pool classifier's raw class token normed by ct's norm is ct's
-        torch.testing.assert_close(ct.norm(gp_cls), ct_cls)
+        ct_avg.global_pool = "avg"  # timm: mean of the final-normed patch tokens, no fc_norm
+        assert torch.equal(via_ct["mean"], ct_avg.forward_features(x))
+        # a fresh fc_norm (None) is a LayerNorm without affine, eps 1e-6: the reference's before training
+        fresh = NamedFeatures(gp, final_norm=ct.norm, fc_norm=None)(x)["gpool"]
+        tokens = ct.blocks(ct._pos_embed(ct.patch_embed(x)))
+        torch.testing.assert_close(fresh, F.layer_norm(tokens[:, 1:].mean(1), (32,), eps=1e-6), rtol=0, atol=0)
+        torch.testing.assert_close(fresh, nn.LayerNorm(32, eps=1e-6)(tokens[:, 1:].mean(1)))
+    # no final norm (a fine-tuned --global_pool classifier): only gpool
+    assert NamedFeatures(gp, final_norm=None, fc_norm=gp.fc_norm).names == ("gpool",)
     with pytest.raises(TypeError, match="class token"):
-        linprobe_cached.cls_and_mean_features(Features(), x)
+        NamedFeatures(Features(), None, None)
 
 
-def test_extract_pooled_features_equals_one_pool_at_a_time():
-    gp, _ = micro_classifiers()
+def test_named_features_of_a_classifier_equal_the_pretraining_models_pools():
+    """A second computation: the MAE model's own `pool_latent` / `TokenTap` of its norm, and the
+    classifier loaded from its weights, give the same cls / mean / gpool."""
+    from umae_plugin import checkpoint as ckpt
+    from umae_plugin.features import TokenTap
+    from umae_plugin.linprobe_cached import NamedFeatures
+    from umae_plugin.models_mae import pool_latent
+    from umae_plugin.registry import create_model
+
+    from functools import partial
+
+    torch.manual_seed(3)  # eps 1e-6 as the real factories (the micro test model's default is torch's 1e-5)
+    mae = create_model("mae_vit_micro", norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
+    with torch.no_grad():
+        mae.norm.weight.normal_(1, 0.2), mae.norm.bias.normal_(0, 0.2)
+    ct = create_model("vit_micro", num_classes=3, global_pool=False, img_size=32, patch_size=4).eval()
+    ckpt.load_pretrained(ct, {"model": mae.state_dict()})
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        named = NamedFeatures(ct, final_norm=ct.norm, fc_norm=None)(x)
+        latent = mae.forward_latent(x)
+        with TokenTap(mae.norm) as tap:
+            mae.forward_latent(x)
+            tapped = tap.features()
+    for name in ("cls", "mean"):
+        torch.testing.assert_close(named[name], pool_latent(latent, name))
+        assert torch.equal(tapped[name], pool_latent(latent, name)), name
+    torch.testing.assert_close(named["gpool"], tapped["gpool"])
+
+
+def test_extract_named_features_equals_one_feature_at_a_time():
+    from umae_plugin.linprobe_cached import NamedFeatures, extract_named_features
+
+    gp, ct = micro_classifiers()
+    features = NamedFeatures(gp, final_norm=ct.norm, fc_norm=gp.fc_norm)
     x, y = torch.randn(9, 3, 32, 32), torch.arange(9)
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
-    feats, labels = linprobe_cached.extract_pooled_features(gp, loader, torch.device("cpu"))
-    assert set(feats) == {"cls", "mean"} and torch.equal(labels, y)
-    mean, _ = extract_features(gp, loader, torch.device("cpu"))  # forward_features: the mean pool
-    torch.testing.assert_close(feats["mean"], mean, rtol=0, atol=0)
-    cls, _ = extract_features(gp, loader, torch.device("cpu"),
-                              forward=lambda im: linprobe_cached.cls_and_mean_features(gp, im)[0])
+    feats, labels = extract_named_features(features, loader, torch.device("cpu"))
+    assert list(feats) == ["cls", "mean", "gpool"] and torch.equal(labels, y)
+    gpool, _ = extract_features(gp, loader, torch.device("cpu"))  # forward_features: the gpool feature
+    torch.testing.assert_close(feats["gpool"], gpool, rtol=0, atol=0)
+    cls, _ = extract_features(ct, loader, torch.device("cpu"))
     torch.testing.assert_close(feats["cls"], cls, rtol=0, atol=0)
     assert feats["cls"].is_contiguous() and feats["mean"].shape == (9, 32)
 
@@ -236,8 +273,8 @@ def test_search_lr_scores_a_diverging_lr_lowest(monkeypatch):
 
     monkeypatch.setattr(linprobe_cached, "train_linear_head", train)
     lr, scores = linprobe_cached.search_lr(head, feats, labels, base_lr=1.0, epochs=1, batch_size=8)
-    assert calls == [0.1, 0.3, 1.0, 3.0, 10.0]
-    assert scores[10.0] == -1.0 and len(set(scores[f] for f in (0.1, 0.3, 1.0, 3.0))) == 1
+    assert calls == [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]  # the default grid, lr x 0.1 .. 100
+    assert scores[10.0] == scores[30.0] == scores[100.0] == -1.0 and len(set(scores[f] for f in (0.1, 0.3, 1.0, 3.0))) == 1
     assert lr == 1.0  # a tie in accuracy and loss: the factor nearest 1
 
 

@@ -245,7 +245,8 @@ def test_image_folder_with_more_classes_than_nb_classes(tmp_path, folder):
 # ---------------------------------------------------------------------------------------------
 # --cache_features: both pools; --lr_search; --baselines
 
-POOL_KEYS = [f"{kind}_{m}_{p}" for kind in ("test", "knn") for m in ("acc1", "acc5") for p in ("cls", "mean")]
+FEATURES = ("cls", "mean", "gpool")
+FEATURE_KEYS = [f"{kind}_{m}_{f}" for kind in ("test", "knn") for m in ("acc1", "acc5") for f in FEATURES]
 
 
 def cached_args(out, *extra, pool="--cls_token", epochs=3, finetune=None):
@@ -253,52 +254,98 @@ def cached_args(out, *extra, pool="--cls_token", epochs=3, finetune=None):
                       dataset="digits", finetune=finetune)
 
 
-def digits_pooled_features(model):
+def digits_named_features(model, final_norm, fc_norm):
+    features = linprobe_cached.NamedFeatures(model, final_norm, fc_norm)
     loaders = [data.build_loader(data.build_dataset("digits", None, split, data.eval_transform(32)), 256, train=False,
                                  num_workers=0, pin_memory=False) for split in ("train", "val")]
-    return [linprobe_cached.extract_pooled_features(model, loader, torch.device("cpu")) for loader in loaders]
+    return [linprobe_cached.extract_named_features(features, loader, torch.device("cpu")) for loader in loaders]
 
 
-@pytest.mark.parametrize("pool, name, other", [("--cls_token", "cls", "mean"), ("--global_pool", "mean", "cls")])
-def test_cached_probe_reports_both_pools(tmp_path, pretrained, pool, name, other):
+def test_cached_probe_reports_every_feature_the_same_whatever_the_flag(tmp_path, pretrained):
+    """The same checkpoint probed with --cls_token and with --global_pool: identical numbers for
+    every named feature; the flag only picks the headline (cls / gpool) and the checkpoint's model."""
+    runs = {}
+    for flag in ("--cls_token", "--global_pool"):
+        out = tmp_path / flag.strip("-")
+        runs[flag] = (out, main_linprobe.main(cached_args(out, "--lr_search", pool=flag, epochs=2,
+                                                          finetune=pretrained)))
+    (_, ct), (_, gp) = runs["--cls_token"], runs["--global_pool"]
+    assert ct["features"] == gp["features"] == list(FEATURES) and ct["features_unavailable"] == []
+    for key in [*FEATURE_KEYS, *(f"probe_lr_{f}" for f in FEATURES)]:
+        assert 0.0 <= ct[key] <= (1.0 if "acc" in key else 500.0), key
+        assert ct[key] == gp[key], key  # bitwise: one definition of each feature, one protocol
+    for stats, name in ((ct, "cls"), (gp, "gpool")):
+        assert stats["feature"] == name
+        assert (stats["acc1"], stats["acc5"]) == (stats[f"test_acc1_{name}"], stats[f"test_acc5_{name}"])
+        assert (stats["knn_acc1"], stats["probe_lr"]) == (stats[f"knn_acc1_{name}"], stats[f"probe_lr_{name}"])
+    for flag, name in (("--cls_token", "cls"), ("--global_pool", "gpool")):
+        out = runs[flag][0]
+        lines = log_lines(out)
+        assert [line["epoch"] for line in lines] == [0, 1] and lines[-1]["feature"] == name
+        for key in FEATURE_KEYS:
+            assert lines[-1][key] == pytest.approx(100 * runs[flag][1][key]), key  # percent in log.txt
+        assert lines[-1]["test_acc1"] == lines[-1][f"test_acc1_{name}"]
+        assert lines[-1]["test_knn_acc1"] == lines[-1][f"knn_acc1_{name}"]
+
+
+@pytest.mark.parametrize("pool, name", [("--cls_token", "cls"), ("--global_pool", "gpool")])
+def test_cached_probe_checkpoint_recomputes_every_feature(tmp_path, pretrained, pool, name):
+    """A second computation from the checkpoint: `model` is the flag's classifier (strict) with the
+    headline head, `feature_heads` the others, `feature_norms` the norms the features used."""
     import copy
 
     out = tmp_path / "out"
     stats = main_linprobe.main(cached_args(out, pool=pool, finetune=pretrained))
-    for key in POOL_KEYS:
-        assert 0.0 <= stats[key] <= 1.0, key
-    # the unsuffixed keys stay the requested pool's
-    assert (stats["acc1"], stats["acc5"]) == (stats[f"test_acc1_{name}"], stats[f"test_acc5_{name}"])
-    assert (stats["knn_acc1"], stats["knn_acc5"]) == (stats[f"knn_acc1_{name}"], stats[f"knn_acc5_{name}"])
-    assert stats["probe_lr"] == stats["probe_lr_cls"] == stats["probe_lr_mean"] == 5.0  # no search: --lr
-    lines = log_lines(out)
-    assert [line["epoch"] for line in lines] == [0, 1, 2]
-    for key in POOL_KEYS:
-        assert lines[-1][key] == pytest.approx(100 * stats[key]), key  # percent in log.txt
-    assert lines[-1]["test_acc1"] == lines[-1][f"test_acc1_{name}"]
-    assert lines[-1]["test_knn_acc1"] == lines[-1][f"knn_acc1_{name}"] and lines[-1]["probe_lr"] == 5.0
-
-    # a second computation from the checkpoint: `model` is the requested pool's classifier
-    # (strict), `other_pool` the other head; fresh features of both pools give the same numbers
+    assert stats["probe_lr"] == stats["probe_lr_cls"] == stats["probe_lr_gpool"] == 5.0  # no search: --lr
     state = ckpt.torch_load(out / "checkpoint-last.pth")
     args = probe_args(tmp_path / "x", pool, dataset="digits")
     args.input_size, args.patch_size, args.nb_classes = 32, 4, 10
     model = linprobe.build_linprobe_model("vit_micro", args, None)
     model.load_state_dict(state["model"], strict=True)
     model.eval()
-    assert state["other_pool"]["pool"] == other and state["epoch"] == state["other_pool"]["epoch"] == 2
-    other_head = copy.deepcopy(model.head)
-    other_head.load_state_dict(state["other_pool"]["head"])
-    (train, train_labels), (val, val_labels) = digits_pooled_features(model)
-    evaluate = linprobe_cached.evaluate_head
-    assert evaluate(model.head, val[name], val_labels)["acc1"] == pytest.approx(stats["acc1"])
-    assert evaluate(other_head, val[other], val_labels)["acc1"] == pytest.approx(stats[f"test_acc1_{other}"])
-    for p in ("cls", "mean"):
-        knn = linprobe_cached.knn_accuracy(train[p], train_labels, val[p], val_labels, num_classes=10)
-        assert knn["acc1"] == pytest.approx(stats[f"knn_acc1_{p}"]), p
-    with torch.no_grad():  # the requested pool's features are the classifier's own forward_features
+    others = [f for f in FEATURES if f != name]
+    assert sorted(state["feature_heads"]) == sorted(others)
+    assert all(state["feature_heads"][f]["epoch"] == state["epoch"] == 2 for f in others)
+    heads = {name: model.head}
+    for f in others:
+        heads[f] = copy.deepcopy(model.head)
+        heads[f].load_state_dict(state["feature_heads"][f]["head"])
+    norms = []
+    for key in ("final_norm", "fc_norm"):
+        norms.append(torch.nn.LayerNorm(32, eps=1e-6))
+        norms[-1].load_state_dict(state["feature_norms"][key])
+    # the final norm is the pre-trained one (from the file), fc_norm the reference's fresh one
+    source = ckpt.torch_load(pretrained)["model"]
+    assert torch.equal(norms[0].weight, source["norm.weight"]) and torch.equal(norms[1].weight, torch.ones(32))
+    (train, train_labels), (val, val_labels) = digits_named_features(model, *norms)
+    for f in FEATURES:
+        acc = linprobe_cached.evaluate_head(heads[f], val[f], val_labels)["acc1"]
+        assert acc == pytest.approx(stats[f"test_acc1_{f}"]), f
+        knn = linprobe_cached.knn_accuracy(train[f], train_labels, val[f], val_labels, num_classes=10)
+        assert knn["acc1"] == pytest.approx(stats[f"knn_acc1_{f}"]), f
+    with torch.no_grad():  # the headline feature is the classifier's own forward_features
         images = torch.stack([data.build_dataset("digits", None, "val", data.eval_transform(32))[i][0] for i in range(8)])
         torch.testing.assert_close(model.forward_features(images), val[name][:8])
+
+
+def test_cached_probe_of_a_source_without_final_norm_reports_only_gpool(tmp_path, pretrained, capsys):
+    """A fine-tuned --global_pool classifier dropped the final norm: cls / mean are unavailable
+    (said so), --global_pool probes gpool, --cls_token is refused in one line."""
+    source = tmp_path / "finetuned.pth"
+    torch.manual_seed(0)
+    clf = create_model("vit_micro", num_classes=10, global_pool=True, img_size=32)
+    ckpt.load_pretrained(clf, pretrained)
+    torch.save({"model": clf.state_dict()}, source)
+    stats = main_linprobe.main(cached_args(tmp_path / "gp", pool="--global_pool", epochs=1, finetune=source))
+    assert stats["features"] == ["gpool"] and stats["features_unavailable"] == ["cls", "mean"]
+    assert "test_acc1_cls" not in stats and stats["acc1"] == stats["test_acc1_gpool"]
+    with pytest.raises(SystemExit) as exc:
+        cli.run_main(main_linprobe.get_args_parser, main_linprobe.main,
+                     argv=[str(a) for a in ["--model", "mae_vit_micro", "--dataset", "digits", "--cache_features",
+                                            "--cls_token", "--finetune", source, "--epochs", "1", "--device", "cpu",
+                                            "--num_workers", "0", "--output_dir", tmp_path / "ct", "--log_dir",
+                                            tmp_path / "ct"]])
+    assert exc.value.code != 0 and "no final norm" in capsys.readouterr().err
 
 
 def test_lr_search_uses_only_the_training_set(tmp_path, pretrained, monkeypatch):
@@ -324,23 +371,21 @@ def test_lr_search_uses_only_the_training_set(tmp_path, pretrained, monkeypatch)
     stats = main_linprobe.main(cached_args(out, "--lr_search", epochs=2, finetune=pretrained))
 
     train_labels = torch.tensor(data.build_dataset("digits", None, "train", None).targets)
-    assert len(searched) == 2  # one search per pool, on all training features, from --lr
+    assert len(searched) == 3  # one search per feature, on all training features, from --lr
     for n, labels, base_lr in searched:
         assert n == len(train_labels) == 1437 and torch.equal(labels, train_labels) and base_lr == 5.0
     _, held = linprobe_cached.stratified_split(train_labels, 0.1, seed=0)
-    assert len(scored) == 2 * len(linprobe_cached.LR_FACTORS)  # every candidate scored on the held-out part
+    assert len(scored) == 3 * len(linprobe_cached.LR_FACTORS)  # every candidate scored on the held-out part
     assert all(torch.equal(labels, train_labels[held]) for labels in scored)
     grid = {5.0 * f for f in linprobe_cached.LR_FACTORS}
-    assert {stats["probe_lr"], stats["probe_lr_cls"], stats["probe_lr_mean"]} <= grid
+    assert {stats["probe_lr"], *(stats[f"probe_lr_{f}"] for f in FEATURES)} <= grid
     assert stats["probe_lr"] == stats["probe_lr_cls"]  # --cls_token
     line = log_lines(out)[-1]
-    assert (line["probe_lr"], line["probe_lr_cls"], line["probe_lr_mean"]) == (
-        stats["probe_lr"], stats["probe_lr_cls"], stats["probe_lr_mean"])
-    assert ckpt.torch_load(out / "checkpoint-last.pth")["lr_search"] == {"cls": stats["probe_lr_cls"],
-                                                                         "mean": stats["probe_lr_mean"]}
+    assert [line[f"probe_lr_{f}"] for f in FEATURES] == [stats[f"probe_lr_{f}"] for f in FEATURES]
+    assert ckpt.torch_load(out / "checkpoint-last.pth")["lr_search"] == {f: stats[f"probe_lr_{f}"] for f in FEATURES}
 
 
-def test_cached_resume_continues_both_heads_with_the_searched_lr(tmp_path, pretrained, monkeypatch):
+def test_cached_resume_continues_every_head_with_the_searched_lr(tmp_path, pretrained, monkeypatch):
     full, part = tmp_path / "full", tmp_path / "part"
     main_linprobe.main(cached_args(full, "--lr_search", "--save_freq", "1", epochs=2, finetune=pretrained))
     part.mkdir()
@@ -352,11 +397,14 @@ def test_cached_resume_continues_both_heads_with_the_searched_lr(tmp_path, pretr
     monkeypatch.setattr(linprobe, "search_lr", no_search)
     resumed = main_linprobe.main(cached_args(part, "--lr_search", "--resume", "auto", epochs=2, finetune=pretrained))
     a, b = ckpt.torch_load(full / "checkpoint-last.pth"), ckpt.torch_load(part / "checkpoint-last.pth")
-    assert a["lr_search"] == b["lr_search"] and b["epoch"] == b["other_pool"]["epoch"] == 1
+    assert a["lr_search"] == b["lr_search"] and set(b["feature_heads"]) == {"mean", "gpool"}
+    assert all(b["feature_heads"][f]["epoch"] == 1 for f in b["feature_heads"])
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
-    for k in a["other_pool"]["head"]:
-        torch.testing.assert_close(a["other_pool"]["head"][k], b["other_pool"]["head"][k], rtol=0, atol=0, msg=k)
+    for f in a["feature_heads"]:
+        for k in a["feature_heads"][f]["head"]:
+            torch.testing.assert_close(a["feature_heads"][f]["head"][k], b["feature_heads"][f]["head"][k],
+                                       rtol=0, atol=0, msg=k)
     assert log_lines(part)[-1] == log_lines(full)[-1]
     assert resumed["test_acc1_mean"] * 100 == pytest.approx(log_lines(full)[-1]["test_acc1_mean"])
 

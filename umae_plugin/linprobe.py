@@ -3,7 +3,8 @@
 
 The reference probe trains a BatchNorm + linear head on the frozen encoder with LARS. With
 `--cache_features` it trains on features of unaugmented images computed once and adds weighted
-k-NN accuracy, for both the class-token and the mean-pooled features; `--lr_search` and
+k-NN accuracy, for every named feature (`features.FEATURES`: `cls`, `mean`, `gpool`, the same
+whichever classifier flag is given; the flag picks the headline one); `--lr_search` and
 `--baselines` work on those features. The parts shared with fine-tuning are in `classify`.
 """
 from __future__ import annotations
@@ -25,7 +26,8 @@ from .classify import (ConfigError, claim_output_folder, classifier_args, classi
                        evaluate_only, finish, fit, load_resume_state, percent, prologue, resolve_num_classes,
                        restore_missing_checkpoint, save_checkpoint)
 from .classify import check_args as check_classifier_args
-from .linprobe_cached import (HELD_OUT_FRACTION, LR_FACTORS, POOLS, evaluate_head, extract_pooled_features,
+from .features import FEATURES, GPOOL_EPS, norm_state
+from .linprobe_cached import (HELD_OUT_FRACTION, LR_FACTORS, NamedFeatures, evaluate_head, extract_named_features,
                               knn_accuracy, search_lr, train_head_epoch, train_linear_head)
 from .logger import RunLog
 from .optim import build_lars, resolve_lr
@@ -52,16 +54,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="images input size (None: the --finetune / --resume checkpoint's, else 224)")
     cli.add_classification_arguments(g, global_pool=False)
     m.add_argument("--cache_features", action="store_true",
-                   help="extract frozen features of unaugmented images once (class token and mean pool in one "
-                        "pass), train a probe on each pool, add k-NN accuracy")
+                   help="extract frozen features of unaugmented images once, every named feature in one pass "
+                        "(cls: class token after the final norm; mean: mean of the patch tokens after it; gpool: "
+                        "fc_norm of the un-normed patch-token mean), train a probe on each, add k-NN accuracy; "
+                        "--global_pool / --cls_token pick the headline feature (gpool / cls), not the features")
 
     o = g[cli.OPTIM]
     cli.add_schedule_arguments(o, batch_size=512, epochs=90, weight_decay=0, blr=0.1, min_lr=0.0, warmup_epochs=10,
                                weight_decay_help="weight decay (0 for linear probe following MoCo v1)")
     o.add_argument("--lr_search", action="store_true",
                    help="with --cache_features: pick each head's lr from the lr (--lr, or --blr scaled) x "
-                        "{0.1, 0.3, 1, 3, 10} on a stratified 10%% of the training set (seeded by --seed; "
+                        "--lr_factors on a stratified 10%% of the training set (seeded by --seed; "
                         "never the val set), then train on all of it; logged as probe_lr")
+    o.add_argument("--lr_factors", default=LR_FACTORS, type=_factors, metavar="F,F,...",
+                   help="with --lr_search: the candidate lrs are the lr times these (default "
+                        + ",".join(f"{f:g}" for f in LR_FACTORS) + "); an edge picked is warned about")
 
     r = g[cli.RUN]
     r.add_argument("--baselines", action="store_true",
@@ -70,6 +77,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     cli.add_run_arguments(g, "dataset path (imagefolder: holds train/ and val/; cifar10: its root)")
     return parser
+
+
+def _factors(text: str) -> tuple[float, ...]:
+    """`0.1,1,10` -> (0.1, 1.0, 10.0): positive, distinct, ascending."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers") from None
+    if not values or any(not v > 0 for v in values) or list(values) != sorted(set(values)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive factors, distinct and ascending")
+    return values
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -115,9 +133,9 @@ def run_linprobe(args: argparse.Namespace) -> dict[str, Any]:
     """Linear probing as the reference script (or on cached features with `--cache_features`).
 
     Returns the last epoch's val `acc1`, `acc5` (fractions), `loss`, `max_acc1`, and with
-    `--cache_features` the weighted k-NN `knn_acc1`, `knn_acc5`, both pools' `test_acc{1,5}_cls`,
-    `test_acc{1,5}_mean`, `knn_acc{1,5}_cls`, `knn_acc{1,5}_mean` (the unsuffixed keys are the
-    requested pool's), the heads' lr `probe_lr` (requested pool), `probe_lr_cls`, `probe_lr_mean`,
+    `--cache_features` the weighted k-NN `knn_acc1`, `knn_acc5`, and per named feature F
+    (`features`; `features_unavailable` those the source cannot give) `test_acc{1,5}_F`,
+    `knn_acc{1,5}_F`, `probe_lr_F` (the unsuffixed keys are the headline `feature`'s),
     and with `--baselines` `raw_pixels_{logreg,knn}_acc{1,5}`, `random_init_acc{1,5}`,
     `random_init_knn_acc{1,5}`, `random_init_probe_lr` (`_linprobe_cached`)."""
     with contextlib.ExitStack() as run:  # holds the output folder's lock (`claim_output_folder`)
@@ -159,7 +177,7 @@ def _run_linprobe(args: argparse.Namespace, run: contextlib.ExitStack | None = N
         return evaluate_only(model, val_set, args, rt, resume_state)
     if cached:
         return _linprobe_cached(args, rt, model, optimizer, train_set, val_set, resume_state, n_parameters, pin,
-                                record)
+                                record, name, source)
     return fit(args, rt, model, nn.CrossEntropyLoss(), optimizer, train_set, val_set, resume_state, n_parameters,
                model_args=record)
 
@@ -169,6 +187,47 @@ def _broadcast(module: nn.Module) -> None:
     if distributed.get_world_size() > 1:
         for tensor in module.state_dict().values():
             torch.distributed.broadcast(tensor, 0)
+
+
+def headline_feature(args: argparse.Namespace) -> str:
+    """The feature whose numbers are the run's `test_acc1` / `knn_acc1` / `probe_lr` and whose head
+    is the checkpoint's `model`: what the trained classifier reads (`--global_pool`: `gpool`,
+    `--cls_token`: `cls`)."""
+    return "gpool" if args.global_pool else "cls"
+
+
+def feature_norms(name: str, args: argparse.Namespace, model: nn.Module, source: Mapping | None,
+                  resume_state: Mapping | None) -> tuple[nn.Module | None, nn.Module]:
+    """(final norm or None, `gpool` fc_norm) for `NamedFeatures`, the same whichever classifier
+    flag built `model`: a resumed run's saved `feature_norms`; else both classifier variants are
+    built and loaded from `source` (`checkpoint.load_pretrained`), the final norm taken from the
+    `--cls_token` one (None when the source has no `norm`: a fine-tuned `--global_pool`
+    classifier) and fc_norm from the `--global_pool` one (fresh unless the source is such a
+    classifier); without a source (a random-initialisation probe) the fresh ones."""
+    dim = model.embed_dim
+    saved = resume_state.get("feature_norms") if resume_state is not None else None
+    if isinstance(saved, Mapping) and isinstance(saved.get("fc_norm"), Mapping):
+        fc_norm = nn.LayerNorm(dim, eps=GPOOL_EPS)
+        fc_norm.load_state_dict(saved["fc_norm"])
+        final = None
+        if isinstance(saved.get("final_norm"), Mapping):
+            final = nn.LayerNorm(dim, eps=GPOOL_EPS)
+            final.load_state_dict(saved["final_norm"])
+        return final, fc_norm
+    twins = {}
+    for global_pool in (False, True):
+        if bool(args.global_pool) == global_pool and source is None:
+            twins[global_pool] = (model, None)
+            continue
+        twin_args = copy.copy(args)
+        twin_args.global_pool = global_pool
+        twin = create_classifier(name, twin_args)
+        report = ckpt.load_pretrained(twin, source, f"--finetune {args.finetune}") if source is not None else None
+        twins[global_pool] = (twin, report)
+    cls_model, report = twins[False]
+    has_norm = report is None or "norm.weight" in report.loaded
+    final = copy.deepcopy(cls_model.norm) if has_norm else None
+    return final, copy.deepcopy(twins[True][0].fc_norm)
 
 
 def _linprobe_cached(
@@ -182,43 +241,64 @@ def _linprobe_cached(
     n_parameters: int,
     pin: bool,
     model_args: Mapping[str, Any],
+    name: str = "",
+    source: Mapping | None = None,
 ) -> dict[str, Any]:
     """`--cache_features`: features of unaugmented images once, then the heads on them. Every
     process extracts its shard and trains the same heads on all features (no DDP needed); a
     head's batch is the effective batch `batch_size * accum_iter * world_size`.
 
-    One pass of the frozen encoder gives both pools (`linprobe_cached.cls_and_mean_features`
-    states what each is for a `--global_pool` and a `--cls_token` classifier), and a head is
-    trained on each with the same protocol (same initial weights, LARS, schedule, batches),
-    epoch by epoch in step. The requested pool's head (`--global_pool`: mean, `--cls_token`:
-    cls) is `model.head`: its numbers are `acc1` / `test_acc1` / `knn_acc1` as before, and the
-    checkpoint holds it as `model` (strict-loadable); the other pool's head is the checkpoint's
-    `other_pool` entry. `--lr_search`: each pool's lr is picked by `linprobe_cached.search_lr` on
-    a stratified 10% of the training features (split seeded by `--seed`; val is never seen) and
-    kept in the checkpoint (`lr_search`), so a resumed run reuses it. `--baselines`: raw-pixel
-    and random-initialisation baselines (`umae_plugin.baselines`), computed once."""
+    One pass of the frozen encoder gives every named feature (`features.FEATURES`: `cls`, `mean`,
+    `gpool`, defined once by `linprobe_cached.NamedFeatures`, the same whichever classifier flag
+    is given; a source without a final norm has no `cls` / `mean`, logged as unavailable), and a
+    head is trained on each with the same protocol (same initial weights, LARS, schedule,
+    batches), epoch by epoch in step. The flag picks the headline feature (`headline_feature`:
+    `--global_pool` gpool, `--cls_token` cls): its head is `model.head` and its numbers are
+    `acc1` / `test_acc1` / `knn_acc1` / `probe_lr`; the checkpoint holds it as `model`
+    (strict-loadable), the other heads under `feature_heads`, the norms under `feature_norms`.
+    `--lr_search`: each feature's lr is picked by `linprobe_cached.search_lr` on a stratified 10%
+    of the training features (split seeded by `--seed`; val is never seen) from `--lr` x
+    `--lr_factors` and kept in the checkpoint (`lr_search`), so a resumed run reuses it.
+    `--baselines`: raw-pixel and random-initialisation baselines (`umae_plugin.baselines`),
+    computed once."""
     run_log = RunLog(args.output_dir or None, args.log_dir or None, enabled=rt.is_main)
-    pool = "mean" if args.global_pool else "cls"
-    other = "cls" if pool == "mean" else "mean"
+    head_name = headline_feature(args)
     lr_search = bool(getattr(args, "lr_search", False))
-    fresh = copy.deepcopy(model.head)  # the initial head: the start of both pools' heads and of every lr tried
+    factors = tuple(getattr(args, "lr_factors", None) or LR_FACTORS)
+    fresh = copy.deepcopy(model.head)  # the initial head: the start of every feature's head and of every lr tried
     _broadcast(fresh)
-    other_head = copy.deepcopy(fresh)
-    other_optimizer = build_lars(other_head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start_epoch, max_acc1 = args.start_epoch, 0.0
-    other_start, searched = args.start_epoch, None
+    start_epoch, max_acc1, searched = args.start_epoch, 0.0, None
+    start = None
     if resume_state is not None:
         start = load_resume_state(resume_state, model, optimizer, seed=args.seed)
         start_epoch = start if start is not None else start_epoch
         max_acc1 = float(resume_state.get("max_accuracy", 0.0))
-        saved = resume_state.get("other_pool")
-        if isinstance(saved, Mapping) and saved.get("pool") == other:
-            other_head.load_state_dict(saved["head"])
-            if start is not None and "optimizer" in saved and "epoch" in saved:
-                other_optimizer.load_state_dict(saved["optimizer"])
-                other_start = int(saved["epoch"]) + 1
-        if lr_search and isinstance(resume_state.get("lr_search"), Mapping) and set(resume_state["lr_search"]) == set(POOLS):
-            searched = {p: float(v) for p, v in resume_state["lr_search"].items()}
+    final_norm, fc_norm = feature_norms(name, args, model, source, resume_state)
+    extractor = NamedFeatures(model, final_norm, fc_norm).to(rt.device)
+    names = extractor.names
+    if head_name not in names:
+        raise ConfigError(f"--cls_token: --finetune {args.finetune} has no final norm (a fine-tuned --global_pool "
+                          "classifier?), so there is no class-token feature; use --global_pool")
+    missing = [n for n in FEATURES if n not in names]
+    if missing:
+        log.info("features unavailable (the source has no final norm): %s", ", ".join(missing))
+    others = [n for n in names if n != head_name]
+    heads = {head_name: model.head, **{n: copy.deepcopy(fresh) for n in others}}
+    optimizers = {head_name: optimizer, **{n: build_lars(heads[n].parameters(), lr=args.lr,
+                                                         weight_decay=args.weight_decay) for n in others}}
+    starts = {head_name: start_epoch, **{n: args.start_epoch for n in others}}
+    if resume_state is not None:
+        saved = resume_state.get("feature_heads")
+        for n in others:
+            entry = saved.get(n) if isinstance(saved, Mapping) else None
+            if isinstance(entry, Mapping) and "head" in entry:
+                heads[n].load_state_dict(entry["head"])
+                if start is not None and "optimizer" in entry and "epoch" in entry:
+                    optimizers[n].load_state_dict(entry["optimizer"])
+                    starts[n] = int(entry["epoch"]) + 1
+        saved_lrs = resume_state.get("lr_search")
+        if lr_search and isinstance(saved_lrs, Mapping) and set(saved_lrs) == set(names):
+            searched = {n: float(v) for n, v in saved_lrs.items()}
             log.info("lr search: the checkpoint's choice, %s", searched)
         if rt.is_main and resume_state.get("log_stats"):
             run_log.write_epoch(resume_state["log_stats"])
@@ -228,91 +308,100 @@ def _linprobe_cached(
 
     loaders = [data.build_loader(s, args.batch_size, train=False, num_workers=args.num_workers, pin_memory=pin)
                for s in (train_set, val_set)]
-    start = time.time()
+    t0 = time.time()
     (train_feats, train_labels), (val_feats, val_labels) = [
-        extract_pooled_features(model, loader, rt.device, rt.autocast, compile_forward=args.compile,
-                                print_freq=args.print_freq)
+        extract_named_features(extractor, loader, rt.device, rt.autocast, compile_forward=args.compile,
+                               print_freq=args.print_freq)
         for loader in loaders]
-    log.info("cached features (class token and mean pool, one pass): train %s, val %s in %.1f s",
-             tuple(train_feats[pool].shape), tuple(val_feats[pool].shape), time.time() - start)
-    knn = {p: knn_accuracy(train_feats[p], train_labels, val_feats[p], val_labels, k=KNN_K,
-                           temperature=KNN_TEMPERATURE, num_classes=args.nb_classes) for p in POOLS}
-    for p in POOLS:
-        log.info("weighted %d-NN (T=%g), %s: top-1 %.2f%%, top-5 %.2f%%", KNN_K, KNN_TEMPERATURE, p,
-                 knn[p]["acc1"] * 100, knn[p]["acc5"] * 100)
+    log.info("cached features (%s, one pass): train %s, val %s in %.1f s", ", ".join(names),
+             tuple(train_feats[head_name].shape), tuple(val_feats[head_name].shape), time.time() - t0)
+    knn = {n: knn_accuracy(train_feats[n], train_labels, val_feats[n], val_labels, k=KNN_K,
+                           temperature=KNN_TEMPERATURE, num_classes=args.nb_classes) for n in names}
+    for n in names:
+        log.info("weighted %d-NN (T=%g), %s: top-1 %.2f%%, top-5 %.2f%%", KNN_K, KNN_TEMPERATURE, n,
+                 knn[n]["acc1"] * 100, knn[n]["acc5"] * 100)
 
     batch = args.batch_size * args.accum_iter * rt.world_size
     schedule = dict(epochs=args.epochs, batch_size=batch, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                     seed=args.seed)
-    lrs = {p: args.lr for p in POOLS}
+    lrs = {n: args.lr for n in names}
     if lr_search:
         if searched is None:
-            searched = {p: search_lr(fresh, train_feats[p], train_labels, base_lr=args.lr,
-                                     weight_decay=args.weight_decay, **schedule)[0] for p in POOLS}
+            searched = {n: search_lr(fresh, train_feats[n], train_labels, base_lr=args.lr, factors=factors,
+                                     weight_decay=args.weight_decay, **schedule)[0] for n in names}
             log.info("lr search (held-out %d%% of train, lr %.3e x %s): picked %s", round(HELD_OUT_FRACTION * 100),
-                     args.lr, LR_FACTORS, searched)
+                     args.lr, factors, searched)
         lrs = searched
+        for n in names:
+            if lrs[n] in (args.lr * min(factors), args.lr * max(factors)) and len(factors) > 1:
+                log.warning("lr search, %s: picked %g, an edge of the grid (lr x %s): widen --lr_factors", n,
+                            lrs[n], factors)
     baseline_stats: dict[str, float] = {}
     if getattr(args, "baselines", False):
         baseline_stats = _linprobe_baselines(args, rt, train_set, val_set, pin, batch, lr_search)
     constant_line = {
-        **percent({"test_knn_acc1": knn[pool]["acc1"], "test_knn_acc5": knn[pool]["acc5"],
-                    **{f"knn_{m}_{p}": knn[p][m] for p in POOLS for m in ("acc1", "acc5")}, **baseline_stats}),
-        "probe_lr": lrs[pool], **{f"probe_lr_{p}": lrs[p] for p in POOLS},
+        **percent({"test_knn_acc1": knn[head_name]["acc1"], "test_knn_acc5": knn[head_name]["acc5"],
+                    **{f"knn_{m}_{n}": knn[n][m] for n in names for m in ("acc1", "acc5")}, **baseline_stats}),
+        "probe_lr": lrs[head_name], **{f"probe_lr_{n}": lrs[n] for n in names},
+        "feature": head_name, "features": list(names), "features_unavailable": missing,
     }
 
-    def train_other(epoch: int) -> dict[str, float]:
-        stats = train_head_epoch(other_head, train_feats[other], train_labels, other_optimizer, epoch=epoch,
-                                 lr=lrs[other], **schedule)
-        return stats
+    def train_other(n: str, epoch: int) -> None:
+        train_head_epoch(heads[n], train_feats[n], train_labels, optimizers[n], epoch=epoch, lr=lrs[n], **schedule)
 
-    if other_start < start_epoch:
-        log.info("the checkpoint holds no %s-pool head at epoch %d: training it for epochs %d..%d",
-                 other, start_epoch - 1, other_start, start_epoch - 1)
-    for epoch in range(other_start, start_epoch):
-        train_other(epoch)
-    other_val: dict[str, float] | None = None
+    for n in others:
+        if starts[n] < start_epoch:
+            log.info("the checkpoint holds no %s head at epoch %d: training it for epochs %d..%d",
+                     n, start_epoch - 1, starts[n], start_epoch - 1)
+        for epoch in range(starts[n], start_epoch):
+            train_other(n, epoch)
+    other_val: dict[str, dict[str, float]] = {}
 
     def on_epoch_end(epoch: int, train_stats: dict, val_stats: dict) -> None:
-        nonlocal max_acc1, other_val
-        train_other(epoch)
-        other_val = evaluate_head(other_head, val_feats[other], val_labels)
-        by_pool = {pool: val_stats, other: other_val}
+        nonlocal max_acc1
+        for n in others:
+            train_other(n, epoch)
+            other_val[n] = evaluate_head(heads[n], val_feats[n], val_labels)
+        by_name = {head_name: val_stats, **other_val}
         max_acc1 = max(max_acc1, val_stats["acc1"])
         line = {**{f"train_{k}": v for k, v in train_stats.items()},
                 **percent({f"test_{k}": v for k, v in val_stats.items()}),
-                **percent({f"test_{m}_{p}": by_pool[p][m] for p in POOLS for m in ("acc1", "acc5")}),
+                **percent({f"test_{m}_{n}": by_name[n][m] for n in names for m in ("acc1", "acc5")}),
                 **constant_line, "epoch": epoch, "n_parameters": n_parameters}
         if args.output_dir and rt.is_main:
             state = ckpt.training_state(
                 model, optimizer, epoch, args=args, model_args=model_args, log_stats=line, max_accuracy=max_acc1,
-                other_pool={"pool": other, "head": other_head.state_dict(),
-                            "optimizer": other_optimizer.state_dict(), "epoch": epoch},
+                feature_heads={n: {"head": heads[n].state_dict(), "optimizer": optimizers[n].state_dict(),
+                                   "epoch": epoch} for n in others},
+                feature_norms={"final_norm": norm_state(final_norm), "fc_norm": norm_state(fc_norm)},
                 lr_search=dict(lrs) if lr_search else None)
             save_checkpoint(args.output_dir, state, epoch, args.save_freq, last=epoch + 1 == args.epochs)
         run_log.write_epoch(line)
         run_log.scalars({f"perf/test_{k}": v for k, v in percent(val_stats).items()}, epoch)
-        run_log.scalars({f"perf/test_acc1_{p}": by_pool[p]["acc1"] * 100 for p in POOLS}, epoch)
-        log.info("epoch %d: train loss %.4f, val top-1 %.2f%% (max %.2f%%); %s pool %.2f%%", epoch,
-                 train_stats["loss"], val_stats["acc1"] * 100, max_acc1 * 100, other, other_val["acc1"] * 100)
+        run_log.scalars({f"perf/test_acc1_{n}": by_name[n]["acc1"] * 100 for n in names}, epoch)
+        log.info("epoch %d: train loss %.4f, val top-1 %.2f%% (max %.2f%%); %s", epoch, train_stats["loss"],
+                 val_stats["acc1"] * 100, max_acc1 * 100,
+                 ", ".join(f"{n} {by_name[n]['acc1'] * 100:.2f}%" for n in names))
 
     result = train_linear_head(
-        model.head, train_feats[pool], train_labels, epochs=args.epochs, batch_size=batch, lr=lrs[pool],
+        model.head, train_feats[head_name], train_labels, epochs=args.epochs, batch_size=batch, lr=lrs[head_name],
         min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, optimizer=optimizer, start_epoch=start_epoch,
-        seed=args.seed, val_feats=val_feats[pool], val_labels=val_labels, on_epoch_end=on_epoch_end,
+        seed=args.seed, val_feats=val_feats[head_name], val_labels=val_labels, on_epoch_end=on_epoch_end,
     )
-    if other_val is None:  # no epoch left to train: the other head as it is
-        other_val = evaluate_head(other_head, val_feats[other], val_labels)
-    by_pool = {pool: result, other: other_val}
+    for n in others:
+        if n not in other_val:  # no epoch left to train: the head as it is
+            other_val[n] = evaluate_head(heads[n], val_feats[n], val_labels)
+    by_name = {head_name: result, **other_val}
     max_acc1 = max(max_acc1, result["acc1"])
     log.info("Accuracy of the network on the %d test images: %.1f%%", len(val_set), result["acc1"] * 100)
     log.info("Max accuracy: %.2f%%", max_acc1 * 100)
     run_log.close()
-    return {**result, "max_acc1": max_acc1, "knn_acc1": knn[pool]["acc1"], "knn_acc5": knn[pool]["acc5"],
-            **{f"test_{m}_{p}": by_pool[p][m] for p in POOLS for m in ("acc1", "acc5")},
-            **{f"knn_{m}_{p}": knn[p][m] for p in POOLS for m in ("acc1", "acc5")},
-            "probe_lr": lrs[pool], **{f"probe_lr_{p}": lrs[p] for p in POOLS}, **baseline_stats,
-            "wall_time_s": time.time() - start}
+    return {**result, "max_acc1": max_acc1, "knn_acc1": knn[head_name]["acc1"], "knn_acc5": knn[head_name]["acc5"],
+            **{f"test_{m}_{n}": by_name[n][m] for n in names for m in ("acc1", "acc5")},
+            **{f"knn_{m}_{n}": knn[n][m] for n in names for m in ("acc1", "acc5")},
+            "probe_lr": lrs[head_name], **{f"probe_lr_{n}": lrs[n] for n in names}, **baseline_stats,
+            "feature": head_name, "features": list(names), "features_unavailable": missing,
+            "wall_time_s": time.time() - t0}
 
 
 def _linprobe_baselines(

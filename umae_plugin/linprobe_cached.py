@@ -10,9 +10,10 @@ missing RandomResizedCrop + flip augmentation of the training images.
 to every training feature, the k most similar vote for their class with weight
 `exp(similarity / temperature)`.
 
-`cls_and_mean_features` gives a ViT classifier's class-token and mean-pooled features from one
-pass of its blocks (`extract_pooled_features` over a loader), so both pools are probed at the cost
-of one extraction. `search_lr` picks the head's lr on a stratified held-out part of the training
+`NamedFeatures` gives every named feature of `features` (`cls`, `mean`, `gpool`: one definition,
+whatever the classifier's `--global_pool` / `--cls_token` flag) from one pass of a ViT
+classifier's blocks (`extract_named_features` over a loader), so all are probed at the cost of one
+extraction. `search_lr` picks the head's lr on a stratified held-out part of the training
 features (`stratified_split`), never on val; `probe_features` is the whole protocol (seeded head,
 optional lr search, linear head, k-NN) on given features, for baselines and tables.
 
@@ -34,6 +35,7 @@ from timm.models import vision_transformer as timm_vit
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import distributed
+from .features import FEATURES, available_features, pool_tokens
 from .train_step import NonFiniteLossError, check_finite
 from .logger import progress
 from .metrics import topk_correct
@@ -44,8 +46,7 @@ log = logging.getLogger("umae")
 Autocast = Callable[[], contextlib.AbstractContextManager]
 EpochHook = Callable[[int, dict, dict], None]
 
-POOLS = ("cls", "mean")
-LR_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)  # `search_lr`: candidates are the base lr times these
+LR_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # `search_lr`: candidates are the base lr times these
 HELD_OUT_FRACTION = 0.1  # `search_lr`: part of each training class held out to score the candidates
 
 
@@ -244,27 +245,38 @@ def knn_accuracy(
 # both pools in one pass, lr search, the whole protocol on given features
 
 
-def cls_and_mean_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class-token [B, D], mean-pooled [B, D]) features of a ViT classifier
-    (`models_vit.VisionTransformer`, or any timm `VisionTransformer` with a class token) from one
-    pass of its blocks. Each pool is the classifier's own definition where it has the parameters:
+class NamedFeatures(nn.Module):
+    """The named features (`features.FEATURES`) of a ViT classifier's encoder from one pass,
+    whatever its classifier flags: `vit` (a `models_vit.VisionTransformer` or any timm
+    `VisionTransformer` with a class token) gives the blocks; `final_norm` is the encoder's final
+    norm (the classifier's own `norm` for a `--cls_token` classifier; for a `--global_pool` one,
+    which dropped it, the pre-trained norm it was loaded from; None: the source has none, so no
+    `cls` / `mean`); `fc_norm` the `gpool` LayerNorm (a `--global_pool` classifier's own; else
+    the reference's fresh one). `forward(images)` returns {name: [B, D]} for `names`."""
 
-    - `--global_pool` classifier (final `norm` dropped, `fc_norm` present, as the reference's):
-      mean = `fc_norm` of the average of the patch tokens (class token excluded) of the last
-      block's output; this is `model.forward_features`. cls = the class token of the last block's
-      output, un-normalised (the classifier has no final norm to apply).
-    - `--cls_token` classifier (final `norm` present, no `fc_norm`): cls = the class token after
-      `norm`; this is `model.forward_features`. mean = the average of the patch tokens after `norm`
-      (the classifier has no `fc_norm` to apply).
-    """
-    if not isinstance(model, timm_vit.VisionTransformer) or model.cls_token is None or model.attn_pool is not None:
-        raise TypeError(f"cls_and_mean_features needs a ViT classifier with a class token, got {type(model).__name__}")
-    tokens = timm_vit.VisionTransformer.forward_features(model, images)  # the token map after `model.norm`
-    return tokens[:, 0], model.fc_norm(tokens[:, model.num_prefix_tokens:].mean(dim=1))
+    def __init__(self, vit: nn.Module, final_norm: nn.Module | None, fc_norm: nn.Module | None,
+                 names: tuple[str, ...] = FEATURES) -> None:
+        super().__init__()
+        if not isinstance(vit, timm_vit.VisionTransformer) or vit.cls_token is None or vit.attn_pool is not None:
+            raise TypeError(f"NamedFeatures needs a ViT classifier with a class token, got {type(vit).__name__}")
+        self.vit, self.final_norm, self.fc_norm = vit, final_norm, fc_norm
+        self.names = available_features(final_norm is not None, names)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The last block's output [B, P + L, D], before the final norm (timm's `forward_features`
+        up to its `norm`)."""
+        v = self.vit
+        return v.blocks(v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(images)))))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = self.tokens(images)
+        normed = self.final_norm(tokens) if self.final_norm is not None else None
+        return pool_tokens(tokens, normed, self.names, fc_norm=self.fc_norm,
+                           num_prefix_tokens=self.vit.num_prefix_tokens)
 
 
-def extract_pooled_features(
-    model: nn.Module,
+def extract_named_features(
+    features: NamedFeatures,
     loader: DataLoader,
     device: torch.device,
     autocast: Autocast = contextlib.nullcontext,
@@ -272,16 +284,18 @@ def extract_pooled_features(
     compile_forward: bool = False,
     print_freq: int = 20,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """`extract_features` of both pools in one pass (`cls_and_mean_features`):
-    ({"cls": [N, D], "mean": [N, D]}, labels [N]), float32 on `device`, in dataset order."""
+    """`extract_features` of every feature of `features` in one pass: ({name: [N, D]}, labels [N]),
+    float32 on `device`, in dataset order."""
+    names = features.names
 
-    def both(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat(cls_and_mean_features(model, images), dim=1)
+    def joined(images: torch.Tensor) -> torch.Tensor:
+        out = features(images)
+        return torch.cat([out[n] for n in names], dim=1)
 
-    feats, labels = extract_features(model, loader, device, autocast, forward=torch.compile(both) if compile_forward
-                                     else both, print_freq=print_freq)
-    cls, mean = feats.split(feats.shape[1] // 2, dim=1)
-    return {"cls": cls.contiguous(), "mean": mean.contiguous()}, labels
+    feats, labels = extract_features(features, loader, device, autocast, forward=torch.compile(joined)
+                                     if compile_forward else joined, print_freq=print_freq)
+    parts = feats.split(feats.shape[1] // len(names), dim=1)
+    return {n: p.contiguous() for n, p in zip(names, parts)}, labels
 
 
 def new_probe_head(dim: int, num_classes: int) -> nn.Sequential:

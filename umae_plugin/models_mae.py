@@ -16,22 +16,19 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
+from .features import pool_normed
 from .pos_embed import sincos_2d
 from .timm_plugin import build_model, cfgs_for, register_model
 
-FEATURE_POOLS = ("mean", "cls")
+FEATURE_POOLS = ("mean", "cls")  # the features the uniformity term can act on (`features.NORMED`)
 
 
 def pool_latent(latent: torch.Tensor, pool: str = "mean") -> torch.Tensor:
-    """[N, 1 + L, D] normalised encoder output -> [N, D] image features.
-
-    `mean`: average of the patch tokens (class token excluded); `cls`: the class token.
-    """
-    if pool == "mean":
-        return latent[:, 1:].mean(dim=1)
-    if pool == "cls":
-        return latent[:, 0]
-    raise ValueError(f"unknown feature pool {pool!r}; expected one of {FEATURE_POOLS}")
+    """[N, 1 + L, D] normalised encoder output -> [N, D] image features: `features.pool_normed`
+    (`mean`: average of the patch tokens, class token excluded; `cls`: the class token)."""
+    if pool not in FEATURE_POOLS:
+        raise ValueError(f"unknown feature pool {pool!r}; expected one of {FEATURE_POOLS}")
+    return pool_normed(latent, pool)
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
