@@ -1,41 +1,49 @@
-"""MAE vs U-MAE on CIFAR-10 with paired seeds (CPU budget): three arms x three seeds, then the
-paired differences with 95% t intervals; M-MAE as an optional fourth arm.
+"""MAE vs U-MAE on CIFAR-10 with paired seeds: the pre-declared 20-epoch protocol of
+docs/results/cifar10_e20_protocol.md, run on the CPU (or `--device cuda`), then the paired
+differences with 95% t intervals and the curves.
 
-    python recipes/cifar10_paired.py run              # all nine runs; skips those already in the CSV
-    python recipes/cifar10_paired.py run --arms mae,umae_cls,umae_mean,mmae_cls   # with the M-MAE arm
+    python recipes/cifar10_paired.py run              # MAE and U-MAE cls x seeds 0, 1, 2; skips rows in the CSV
+    python recipes/cifar10_paired.py run --arms mae,umae_cls,umae_mean   # with the optional third arm
     python recipes/cifar10_paired.py baselines        # the probes at the runs' initial weights; raw pixels
-    python recipes/cifar10_paired.py report           # docs/results/cifar10_paired.md from the CSV(s)
+    python recipes/cifar10_paired.py report           # docs/results/cifar10_e20.md from the CSV(s)
     SMOKE=1 python recipes/cifar10_paired.py run --out /tmp/smoke   # digits, tiny model, one seed (CI)
 
-Setting (the evidence issue's): ViT-Tiny, 32 px, patch 4, 128-d 2-block decoder, norm-pix, mask
-0.75, batch 128, weight decay 0.05, lr 1e-3, 1 warm-up epoch, 4 epochs. Arms: MAE (lambda 0),
-U-MAE on the class token (`--unif_pool cls`, the U-MAE reference's feature) and U-MAE on the mean of
-the patch tokens (this project's default), lambda 0.01. Optional (`--arms`): M-MAE (`mmae_cls`: the
-coding-rate term `--reg TCR`, mu 3, lambda 0.01, on the class token as M-MAE uses; its training-batch
-term value goes to the `train_loss_tcr` column, empty for the other arms). Seeds 0, 1, 2: the same seed
-gives the same initialisation, data order and augmentations in every arm, so arms are compared pair
-by pair.
-Online probe on (evaluated at the end on masked and unmasked val views); effective ranks and
-uniformity of 1024 fixed val images at initialisation and at the end; then the cached-feature
-linear probe (class token and mean pooling, lr picked on a held-out 10% of the training set) and
-20-NN on the final encoder.
+Setting (`PROTOCOL` "e20"): ViT-Tiny, 32 px, patch 4, 128-d 2-block decoder, norm-pix, mask 0.75,
+batch 128, AdamW (0.9, 0.95), weight decay 0.05, lr 1e-3, 2 warm-up epochs (MAE's 10%) then a
+half-cycle cosine to 0 set every step, 20 epochs. Arms: MAE (lambda 0) and U-MAE on the class token
+(`--unif_pool cls`, the U-MAE reference's feature), lambda 0.01; on request U-MAE on the mean of the
+patch tokens (`umae_mean`, this project's default) and M-MAE (`mmae_cls`). Seeds 0, 1, 2: a seed
+gives the same initialisation, data order and augmentations in every arm, so arms are compared
+pair by pair.
+
+Features (`umae_plugin.features`, named in every column): `cls` = class token after the final
+norm, `mean` = mean of the patch tokens after it, `gpool` = a fresh fc_norm of the un-normed
+patch-token mean (the reference `--global_pool` classifier's). Monitors, for every feature: the
+online probes (one head each, trained on the masked training pass, evaluated at the end of epochs
+5, 10, 15, 20 on masked and unmasked val views), the effective ranks (uncentred and centred) and
+uniformity of 1024 fixed val images, and the k-NN monitor (weighted 20-NN of the val images against
+a fixed bank of 10,000 training images), at initialisation (epoch 0) and after epochs 5, 10, 15, 20:
+one row per monitor point in the curves CSV. Endpoint probe: the same `main_linprobe.py` command
+for every arm (only the checkpoint and folder differ: `probe_command`): cached features of all
+50,000 training images, a BatchNorm + linear head per feature with LARS, 100 epochs, lr picked from
+1.0 x {0.1, 0.3, 1, 3, 10, 30, 100} on a stratified held-out 10% of the training set, and
+weighted 20-NN against all 50,000.
 
 Data: `../shared/data/cifar10.tar.gz` (CIFAR-10 as an ImageFolder of JPEGs: the images are
 re-encoded, so pixel values differ slightly from the original PNG/pickle release) is unpacked
 outside the work tree (`$UMAE_DATA`, default /tmp/umae-data). Run folders live outside the work tree
-too (`--out`, default /tmp/umae-runs/cifar10_paired); every step resumes (`--resume auto`), so an
-interrupted recipe is simply started again. Each finished run appends one row to the CSV (one row
-per arm and seed); with `--commit` the CSV is committed after every run. Columns added since a CSV
-was started (`train_loss_tcr`) are appended to its header when the first row that has them is
-written; older rows read them as empty.
+too (`--out`, default /tmp/umae-runs/cifar10_e20); every step resumes (`--resume auto`, per epoch),
+so an interrupted recipe is simply started again. Each finished run appends one row to the CSV and
+its monitor points to the curves CSV, each row naming the protocol and the commit of the code that
+ran (run it from a frozen copy: `git worktree add` at a fixed commit); with `--commit` both are
+committed after every run, in the repository that holds the CSV.
 
-Baselines (`baselines`, `docs/results/cifar10_paired_baselines.csv`): what the same probes reach
-without pre-training. Random initialisation: for each seed, the exact weights the paired runs of
-that seed start from (the pre-training model built from the recipe's flags after
-`torch.manual_seed(seed)`, as `main_pretrain.py` builds it; tests/test_recipes.py checks it
-bitwise), probed by the same `main_linprobe.py` command as a finished run (both pools, lr search,
-20-NN). Raw pixels (once): the same eval-transformed images flattened, a logistic regression
-(scikit-learn, not the LARS probe) and the same 20-NN (`umae_plugin.baselines`).
+Baselines (`baselines`, `<csv>_baselines.csv`): what the same probes reach without pre-training.
+Random initialisation: for each seed, the exact weights the paired runs of that seed start from
+(the pre-training model built from the recipe's flags after `torch.manual_seed(seed)`, as
+`main_pretrain.py` builds it; tests/test_recipes.py checks it bitwise), probed by the same
+`probe_command` as a finished run. Raw pixels (once): the same eval-transformed images flattened,
+a logistic regression (scikit-learn, not the LARS probe) and the same 20-NN (`umae_plugin.baselines`).
 """
 from __future__ import annotations
 
@@ -50,6 +58,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("umae_plugin") is None:  # a bare checkout: import it from there
@@ -58,6 +67,7 @@ if importlib.util.find_spec("umae_plugin") is None:  # a bare checkout: import i
 from umae_plugin.analysis import paired  # noqa: E402
 
 SMOKE = os.environ.get("SMOKE") == "1"
+PROTOCOL = "e20"  # docs/results/cifar10_e20_protocol.md; every row names it
 
 ARMS = {  # name -> pre-training flags that differ between arms
     "mae": ["--lambda_unif", "0"],
@@ -65,37 +75,50 @@ ARMS = {  # name -> pre-training flags that differ between arms
     "umae_mean": ["--lambda_unif", "0.01", "--unif_pool", "mean"],
     "mmae_cls": ["--lambda_unif", "0.01", "--unif_pool", "cls", "--reg", "TCR", "--uniformity_mu", "3"],
 }
-DEFAULT_ARMS = ("mae", "umae_cls", "umae_mean")  # mmae_cls on request (--arms)
+DEFAULT_ARMS = ("mae", "umae_cls")  # umae_mean (the third arm) and mmae_cls on request (--arms)
 LABELS = {"mae": ("MAE", "MAE"), "umae_cls": ("U-MAE cls", "cls"), "umae_mean": ("U-MAE mean", "mean"),
           "mmae_cls": ("M-MAE cls", "M-MAE cls")}  # arm -> (table column, short name in differences)
 SEEDS = (0,) if SMOKE else (0, 1, 2)
+FEATURES = ("cls", "mean", "gpool")  # umae_plugin.features.FEATURES (this file reads no torch at import)
 
 MODEL = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "4", "--decoder_embed_dim", "128",
          "--decoder_depth", "2", "--decoder_num_heads", "4", "--norm_pix_loss", "--mask_ratio", "0.75"]
-EPOCHS = 4
-TRAIN = ["--batch_size", "128", "--weight_decay", "0.05", "--lr", "1e-3", "--warmup_epochs", "1",
+EPOCHS, MONITOR_EVERY = 20, 5
+TRAIN = ["--batch_size", "128", "--weight_decay", "0.05", "--lr", "1e-3", "--min_lr", "0", "--warmup_epochs", "2",
          "--epochs", str(EPOCHS)]
-if SMOKE:  # digits, a tiny encoder, one epoch: the same code path in seconds
+MONITORS = ["--online_probe", "--feature_pool", "cls", "--val-interval", str(MONITOR_EVERY), "--erank_freq",
+            str(MONITOR_EVERY), "--erank_samples", "1024", "--knn_freq", str(MONITOR_EVERY), "--knn_bank", "10000"]
+PROBE = ["--epochs", "100", "--warmup_epochs", "10", "--batch_size", "256", "--lr", "1.0",
+         "--lr_factors", "0.1,0.3,1,3,10,30,100"]
+if SMOKE:  # digits, a tiny encoder, two epochs: the same code path in seconds
     MODEL = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "4", "--embed_dim", "32",
              "--depth", "1", "--num_heads", "2", "--decoder_embed_dim", "16", "--decoder_depth", "1",
              "--decoder_num_heads", "2", "--norm_pix_loss", "--mask_ratio", "0.75"]
-    EPOCHS = 1
-    TRAIN = ["--batch_size", "128", "--weight_decay", "0.05", "--lr", "1e-3", "--warmup_epochs", "1",
-             "--epochs", "1"]
+    EPOCHS, MONITOR_EVERY = 2, 1
+    TRAIN = ["--batch_size", "128", "--weight_decay", "0.05", "--lr", "1e-3", "--min_lr", "0", "--warmup_epochs", "1",
+             "--epochs", str(EPOCHS)]
+    MONITORS = ["--online_probe", "--feature_pool", "cls", "--val-interval", "1", "--erank_freq", "1",
+                "--erank_samples", "64", "--knn_freq", "1", "--knn_bank", "500"]
+    PROBE = ["--epochs", "3", "--warmup_epochs", "1", "--batch_size", "256", "--lr", "1.0", "--lr_factors", "0.1,1,10"]
 
-# Columns of the CSV: what each run reports (accuracies in percent).
+# Columns of the CSV (accuracies in percent); `test_*` / `knn_acc1_*` / `probe_lr_*` are the endpoint probe's,
+# `knn_monitor_*` the monitor's (10,000-image bank). The schema is pinned by tests/test_recipes.py.
 PRETRAIN_KEYS = [
-    "online_probe_masked_acc1", "online_probe_unmasked_acc1",
-    "effective_rank_mean", "effective_rank_cls", "effective_rank_centered_mean", "effective_rank_centered_cls",
-    "unif_mean", "unif_cls", "train_loss_mae",
+    *(f"online_probe_{v}_acc1_{f}" for f in FEATURES for v in ("masked", "unmasked")),
+    *(f"{m}_{f}" for f in FEATURES for m in ("effective_rank", "effective_rank_centered", "unif")),
+    *(f"knn_monitor_acc1_{f}" for f in FEATURES), "train_loss_mae", "train_loss_unif",
 ]
-INIT_KEYS = ["effective_rank_init_mean", "effective_rank_init_cls", "effective_rank_centered_init_mean",
-             "effective_rank_centered_init_cls", "unif_init_mean", "unif_init_cls"]
-PROBE_KEYS = ["test_acc1_mean", "test_acc1_cls", "knn_acc1_mean", "knn_acc1_cls", "probe_lr"]
+INIT_KEYS = [*(f"{m}_init_{f}" for f in FEATURES for m in ("effective_rank", "effective_rank_centered", "unif")),
+             *(f"knn_monitor_acc1_init_{f}" for f in FEATURES)]
+PROBE_KEYS = [*(f"test_acc1_{f}" for f in FEATURES), *(f"knn_acc1_{f}" for f in FEATURES),
+              *(f"probe_lr_{f}" for f in FEATURES)]
 TERM_KEYS = ["train_loss_tcr"]  # arm-specific: M-MAE's term (empty for the other arms)
-# New columns go at the end: rows appended by an older copy of this recipe stay aligned.
-COLUMNS = ["arm", "seed", "epochs", *PRETRAIN_KEYS, *INIT_KEYS, *PROBE_KEYS, "pretrain_s", "probe_s", *TERM_KEYS]
-PERCENT = {"online_probe_masked_acc1", "online_probe_unmasked_acc1"}  # fractions in the pre-training log
+COLUMNS = ["protocol", "commit", "arm", "seed", "epochs", *PRETRAIN_KEYS, *INIT_KEYS, *PROBE_KEYS, "pretrain_s",
+           "probe_s", *TERM_KEYS]
+CURVE_KEYS = [*(f"{m}_{f}" for f in FEATURES for m in ("effective_rank", "effective_rank_centered", "unif")),
+              *(f"knn_monitor_acc1_{f}" for f in FEATURES),
+              *(f"online_probe_{v}_acc1_{f}" for f in FEATURES for v in ("masked", "unmasked")), "train_loss_mae"]
+CURVE_COLUMNS = ["protocol", "commit", "arm", "seed", "epoch", *CURVE_KEYS]
 
 
 def data_root() -> Path:
@@ -158,73 +181,113 @@ def run(cmd: list[str]) -> float:
 
 
 WORKERS = "0" if SMOKE else "2"
+DEVICE = "cpu"  # --device
 
 
 def data_flags() -> list[str]:
     return ["--dataset", "digits"] if SMOKE else ["--dataset", "imagefolder", "--data_path", str(data_root())]
 
 
-def probe(checkpoint: Path, pool_flag: str, seed: int, folder: Path) -> float:
-    """The probe of every row: cached features of `checkpoint`'s encoder, both pools (`pool_flag`
-    only names the headline one), lr searched on held-out training images, 20-NN; seconds taken."""
-    return run([sys.executable, "main_linprobe.py", "--model", "vit_tiny_patch16", "--finetune", str(checkpoint),
-                "--cache_features", "--lr_search", pool_flag, *data_flags(), "--nb_classes", "10",
-                "--epochs", "100", "--warmup_epochs", "10", "--batch_size", "256", "--lr", "1.0",
-                "--seed", str(seed), "--device", "cpu", "--num_workers", WORKERS,
-                "--output_dir", str(folder), "--log_dir", str(folder), "--resume", "auto"])
+def code_commit() -> str:
+    """The commit of the code running this recipe (the frozen copy's), "+dirty" if it has changes."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def one_run(arm: str, seed: int, out: Path) -> dict:
+def probe_command(checkpoint: Path, seed: int, folder: Path) -> list[str]:
+    """The endpoint probe, the same for every arm and baseline: only `checkpoint` and `folder`
+    differ (and the seed, shared by the arms of a pair). `--cls_token` makes `cls` the headline;
+    every feature is probed and logged by name whatever the flag."""
+    return [sys.executable, "main_linprobe.py", "--model", "vit_tiny_patch16", "--finetune", str(checkpoint),
+            "--cache_features", "--lr_search", "--cls_token", *data_flags(), "--nb_classes", "10", *PROBE,
+            "--seed", str(seed), "--device", DEVICE, "--num_workers", WORKERS,
+            "--output_dir", str(folder), "--log_dir", str(folder), "--resume", "auto"]
+
+
+def pretrain_command(arm: str, seed: int, folder: Path) -> list[str]:
+    return [sys.executable, "main_pretrain.py", *MODEL, *ARMS[arm], *TRAIN, *data_flags(), *MONITORS,
+            "--seed", str(seed), "--device", DEVICE, "--num_workers", WORKERS, "--save_freq", "1000",
+            "--print_freq", "50", "--output_dir", str(folder), "--log_dir", str(folder), "--resume", "auto"]
+
+
+def monitor_value(line: dict, key: str) -> Any:
+    """A log line's value of a CSV monitor key: `knn_monitor_*` is the log's `knn_acc1_*`; online
+    probe accuracies are fractions in the log, percent here; "" when absent."""
+    name = key.replace("knn_monitor_acc1", "knn_acc1")
+    v = line.get(name, "")
+    if v != "" and (key.startswith(("online_probe_", "knn_monitor_"))):
+        v = 100.0 * float(v)
+    return v
+
+
+def curve_rows(arm: str, seed: int, lines: list[dict], commit: str) -> list[dict]:
+    """The monitor points of a run's log: epoch 0 (the `_init_` keys of the first line) and every
+    line that holds monitors, at its epochs completed (`epoch` + 1)."""
+    base = {"protocol": PROTOCOL, "commit": commit, "arm": arm, "seed": seed}
+    rows = [{**base, "epoch": 0, **{k: monitor_value(lines[0], k.replace(f"_{f}", f"_init_{f}"))
+                                   for f in FEATURES for k in CURVE_KEYS if k.endswith(f"_{f}")}}]
+    for line in lines:
+        values = {k: monitor_value(line, k) for k in CURVE_KEYS}
+        if any(values[k] != "" for k in CURVE_KEYS if k != "train_loss_mae"):
+            rows.append({**base, "epoch": int(line["epoch"]) + 1, **values})
+    return rows
+
+
+def one_run(arm: str, seed: int, out: Path, commit: str) -> tuple[dict, list[dict]]:
     folder = out / f"{arm}_seed{seed}"
-    pretrain_s = run([sys.executable, "main_pretrain.py", *MODEL, *ARMS[arm], *TRAIN, *data_flags(),
-                      "--seed", str(seed), "--device", "cpu", "--num_workers", WORKERS, "--online_probe",
-                      "--val-interval", "1000", "--erank_freq", "1000", "--save_freq", "1000", "--print_freq", "50",
-                      "--output_dir", str(folder), "--log_dir", str(folder), "--resume", "auto"])
+    pretrain_s = run(pretrain_command(arm, seed, folder))
     lines = log_lines(folder)
-    row: dict = {"arm": arm, "seed": seed, "epochs": EPOCHS}
-    row.update({k: lines[-1].get(k, "") for k in [*PRETRAIN_KEYS, *TERM_KEYS]})
-    row.update({k: lines[0].get(k, "") for k in INIT_KEYS})
-    for k in PERCENT:
-        if row[k] != "":
-            row[k] = 100.0 * float(row[k])
-    probe_s = probe(folder / "checkpoint-last.pth", "--cls_token" if arm.endswith("_cls") else "--global_pool", seed,
-                    folder / "linprobe")
+    row: dict = {"protocol": PROTOCOL, "commit": commit, "arm": arm, "seed": seed, "epochs": EPOCHS}
+    row.update({k: monitor_value(lines[-1], k) for k in [*PRETRAIN_KEYS, *TERM_KEYS]})
+    row.update({k: monitor_value(lines[0], k) for k in INIT_KEYS})
+    probe_s = run(probe_command(folder / "checkpoint-last.pth", seed, folder / "linprobe"))
     last = log_lines(folder / "linprobe")[-1]
     row.update({k: last.get(k, "") for k in PROBE_KEYS})
     row.update(pretrain_s=round(pretrain_s), probe_s=round(probe_s))
-    return row
+    return row, curve_rows(arm, seed, lines, commit)
 
 
-def commit(path: Path, message: str) -> None:
-    """Commit only `path`, in the repository that holds it (the recipe may run from a frozen copy of the
-    code while work goes on in the checkout); a busy index is retried, then left for the next run."""
-    where = path.resolve().parent
+def commit(paths: list[Path], message: str) -> None:
+    """Commit only `paths`, in the repository that holds them (the recipe may run from a frozen copy of
+    the code while work goes on in the checkout); a busy index is retried, then left for the next run."""
+    where = paths[0].resolve().parent
+    names = [p.name for p in paths if p.is_file()]
     for _ in range(5):
-        if (subprocess.run(["git", "add", "--", path.name], cwd=where).returncode == 0
-                and subprocess.run(["git", "commit", "-q", "-m", message, "--", path.name], cwd=where).returncode == 0):
+        if (subprocess.run(["git", "add", "--", *names], cwd=where).returncode == 0
+                and subprocess.run(["git", "commit", "-q", "-m", message, "--", *names], cwd=where).returncode == 0):
             return
         time.sleep(10)
-    print(f"warning: could not commit {path}; the row is in the file", flush=True)
+    print(f"warning: could not commit {names}; the rows are in the files", flush=True)
+
+
+def curves_csv(path: Path) -> Path:
+    return path.with_name(f"{path.stem}_curves.csv")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     done = {(r["arm"], int(r["seed"])) for r in read_rows(args.csv)}
+    commit_id = code_commit()
     for seed in SEEDS:  # seed-major: each finished seed completes a pair as early as possible
         for arm in args.arms:
             if (arm, seed) in done:
                 print(f"skip {arm} seed {seed}: in {args.csv}", flush=True)
                 continue
-            row = one_run(arm, seed, args.out)
+            row, curves = one_run(arm, seed, args.out, commit_id)
+            for point in curves:
+                append_row(curves_csv(args.csv), point, CURVE_COLUMNS)
             append_row(args.csv, row)
             print(f"done {arm} seed {seed}: {row}", flush=True)
             if args.commit:
-                commit(args.csv, f"docs/results: CIFAR-10 paired run {arm} seed {seed}")
+                commit([args.csv, curves_csv(args.csv)], f"docs/results: CIFAR-10 {PROTOCOL} run {arm} seed {seed}")
 
 
 # ---------------------------------------------------------------------------------------------
 # baselines: the probes without pre-training
 
-BASELINE_COLUMNS = ["baseline", "seed", "feature", "linear_acc1", "knn_acc1", "probe_lr", "seconds"]
+BASELINE_COLUMNS = ["protocol", "commit", "baseline", "seed", "feature", "linear_acc1", "knn_acc1", "probe_lr",
+                    "seconds"]
 
 
 def baselines_csv(path: Path) -> Path:
@@ -254,7 +317,7 @@ def raw_pixel_row() -> dict:
     train_set, val_set = (data.build_dataset(name, path, split, data.eval_transform(32)) for split in ("train", "val"))
     stats = baselines.raw_pixel_baselines(train_set, val_set, num_classes=10, k=20, temperature=0.07, seed=0,
                                           num_workers=int(WORKERS))
-    return {"baseline": "raw_pixels", "seed": 0, "feature": "pixels",
+    return {"protocol": PROTOCOL, "baseline": "raw_pixels", "seed": 0, "feature": "pixels",
             "linear_acc1": 100 * stats["raw_pixels_logreg_acc1"], "knn_acc1": 100 * stats["raw_pixels_knn_acc1"],
             "probe_lr": "", "seconds": round(time.time() - start)}
 
@@ -262,6 +325,7 @@ def raw_pixel_row() -> dict:
 def cmd_baselines(args: argparse.Namespace) -> None:
     from umae_plugin import checkpoint
     path = baselines_csv(args.csv)
+    commit_id = code_commit()
     done = {(r["baseline"], int(r["seed"])) for r in read_rows(path)}
     todo = [("raw_pixels", 0)] + [("random_init", seed) for seed in SEEDS]
     for kind, seed in todo:
@@ -277,66 +341,85 @@ def cmd_baselines(args: argparse.Namespace) -> None:
                 state, record = initial_weights(seed)
                 folder.mkdir(parents=True, exist_ok=True)
                 checkpoint.save_atomic({"model": state, checkpoint.MODEL_ARGS_KEY: record, "epoch": -1}, init)
-            seconds = probe(init, "--global_pool", seed, folder / "linprobe")
+            seconds = run(probe_command(init, seed, folder / "linprobe"))
             last = log_lines(folder / "linprobe")[-1]
-            rows = [{"baseline": kind, "seed": seed, "feature": pool, "linear_acc1": last[f"test_acc1_{pool}"],
-                     "knn_acc1": last[f"knn_acc1_{pool}"], "probe_lr": last[f"probe_lr_{pool}"],
-                     "seconds": round(seconds)} for pool in ("cls", "mean")]
+            rows = [{"protocol": PROTOCOL, "baseline": kind, "seed": seed, "feature": f,
+                     "linear_acc1": last[f"test_acc1_{f}"], "knn_acc1": last[f"knn_acc1_{f}"],
+                     "probe_lr": last[f"probe_lr_{f}"], "seconds": round(seconds)} for f in FEATURES]
         for row in rows:
+            row["commit"] = commit_id
             append_row(path, row, BASELINE_COLUMNS)
         print(f"done {kind} seed {seed}: {rows}", flush=True)
         if args.commit:
-            commit(path, f"docs/results: CIFAR-10 paired baseline {kind} seed {seed}")
+            commit([path], f"docs/results: CIFAR-10 {PROTOCOL} baseline {kind} seed {seed}")
 
 
 # ---------------------------------------------------------------------------------------------
 # report: paired differences
 
 
-REPORTED = [("test_acc1_mean", "linear probe, mean pool (%)"), ("test_acc1_cls", "linear probe, class token (%)"),
-            ("knn_acc1_mean", "20-NN, mean pool (%)"), ("knn_acc1_cls", "20-NN, class token (%)"),
-            ("online_probe_masked_acc1", "online probe, masked views (%)"),
-            ("online_probe_unmasked_acc1", "online probe, unmasked views (%)"),
-            ("effective_rank_mean", "effective rank, mean pool"), ("effective_rank_cls", "effective rank, class token"),
-            ("effective_rank_centered_mean", "centred effective rank, mean pool"),
-            ("effective_rank_centered_cls", "centred effective rank, class token"),
-            ("unif_mean", "uniformity loss, mean pool"), ("unif_cls", "uniformity loss, class token"),
+FEATURE_LABELS = {"cls": "cls", "mean": "mean", "gpool": "gpool"}
+PRIMARY = ("test_acc1_cls", "linear probe, cls (%) [primary endpoint]")
+REPORTED = [PRIMARY,
+            *((f"test_acc1_{f}", f"linear probe, {f} (%)") for f in FEATURES if f != "cls"),
+            *((f"knn_acc1_{f}", f"20-NN (50k bank), {f} (%)") for f in FEATURES),
+            *((f"online_probe_masked_acc1_{f}", f"online probe, masked views, {f} (%)") for f in FEATURES),
+            *((f"online_probe_unmasked_acc1_{f}", f"online probe, unmasked views, {f} (%)") for f in FEATURES),
+            *((f"effective_rank_{f}", f"effective rank, {f}") for f in FEATURES),
+            *((f"effective_rank_centered_{f}", f"centred effective rank, {f}") for f in FEATURES),
+            *((f"unif_{f}", f"uniformity loss, {f}") for f in FEATURES),
+            *((f"knn_monitor_acc1_{f}", f"20-NN monitor (10k bank), {f} (%)") for f in FEATURES),
             ("train_loss_mae", "reconstruction loss (last epoch, train)"),
             ("train_loss_tcr", "TCR term, mu 3 (last epoch, train)")]
-PER_SEED = ["test_acc1_mean", "test_acc1_cls", "knn_acc1_mean", "knn_acc1_cls", "online_probe_masked_acc1",
-            "online_probe_unmasked_acc1", "effective_rank_mean", "effective_rank_cls", "probe_lr", "train_loss_tcr"]
+PER_SEED = ["test_acc1_cls", "test_acc1_mean", "test_acc1_gpool", "knn_acc1_cls", "knn_acc1_mean",
+            "online_probe_masked_acc1_cls", "effective_rank_cls", "effective_rank_mean", "probe_lr_cls",
+            "probe_lr_mean", "probe_lr_gpool", "commit"]
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    rows = read_rows(args.csv)
+    rows = [r for r in read_rows(args.csv) if r.get("protocol", PROTOCOL) == PROTOCOL]
     if not rows:
-        sys.exit(f"error: {args.csv}: no runs yet")
+        sys.exit(f"error: {args.csv}: no {PROTOCOL} runs yet")
+    text = report_text(rows, read_rows(baselines_csv(args.csv)), args.csv.name, args.arms)
+    out = args.csv.with_suffix(".md")
+    out.write_text(text)
+    print(text)
+    print(f"wrote {out}")
+
+
+def digits(key: str) -> int:  # losses and uniformity values sit near 1: three decimals
+    return 3 if key.startswith(("unif", "train_loss")) else 2
+
+
+def report_text(rows: list[dict], baseline_rows: list[dict], csv_name: str, asked: list[str]) -> str:
+    """The report's markdown: per-seed rows, then per arm the mean and the paired differences."""
     seeds = sorted({int(r["seed"]) for r in rows})
     # the default arms, any other asked for or present; arm-specific measures only when some row has them
-    arms = [a for a in ARMS if a in DEFAULT_ARMS or a in args.arms or any(r["arm"] == a for r in rows)]
+    arms = [a for a in ARMS if a in DEFAULT_ARMS or a in asked or any(r["arm"] == a for r in rows)]
     others = [a for a in arms if a != "mae"]
     present = {k for r in rows for k, v in r.items() if v not in ("", None)}
     reported = [(k, label) for k, label in REPORTED if k not in TERM_KEYS or k in present]
     per_seed = [k for k in PER_SEED if k not in TERM_KEYS or k in present]
 
-    def digits(key: str) -> int:  # losses and uniformity values sit near 1: three decimals
-        return 3 if key.startswith(("unif", "train_loss")) else 2
-
     def cell(r: dict, key: str) -> str:
-        return f"{float(r[key]):.{digits(key)}f}" if r.get(key) not in ("", None) else "-"
-    lines = [f"CIFAR-10, ViT-Tiny (32 px, patch 4), {EPOCHS} pre-training epochs, paired seeds {seeds}; "
-             f"{len(rows)} of {len(arms) * len(SEEDS)} runs in `{args.csv.name}` (`python recipes/cifar10_paired.py "
-             "report`). Linear probes: cached features, lr picked on a held-out 10% of the training set "
-             "(`probe_lr`), 100 epochs; accuracies on the 10,000 val images (one accuracy's binomial standard "
-             "error is about 0.5 points).", "",
+        if r.get(key) in ("", None):
+            return "-"
+        return r[key] if key == "commit" else f"{float(r[key]):.{digits(key)}f}"
+    lines = [f"CIFAR-10, ViT-Tiny (32 px, patch 4), protocol `{PROTOCOL}` (docs/results/cifar10_e20_protocol.md): "
+             f"{EPOCHS} pre-training epochs, paired seeds {seeds}; {len(rows)} of {len(arms) * len(SEEDS)} runs in "
+             f"`{csv_name}` (`python recipes/cifar10_paired.py report`). Features: cls = class token after the final "
+             "norm, mean = mean of the patch tokens after it, gpool = fresh fc_norm of the un-normed patch-token mean; "
+             "every arm is probed by the same command. Linear probes: cached features, lr picked on a held-out 10% "
+             "of the training set (`probe_lr`), 100 epochs; accuracies on the 10,000 val images (one accuracy's "
+             "binomial standard error is about 0.5 points).", "",
              "Per seed:", "", "| arm | seed | " + " | ".join(per_seed) + " |", "|---|---|" + "---|" * len(per_seed)]
     for r in sorted(rows, key=lambda r: (int(r["seed"]), list(ARMS).index(r["arm"]))):
         lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(cell(r, k) for k in per_seed) + " |")
     shorts = [LABELS[a][1] for a in others]
     lines += ["", "Per arm: mean over the seeds that arm has finished (per-seed table above). Paired difference: "
-              "arm minus MAE on the same seed, mean and 95% t interval over the pairs. Detectable: the true "
-              "difference a paired t test at 5% would find with 80% power given the pairs' spread "
-              "((t_0.975 + t_0.80) sd / sqrt(n)).", "",
+              "arm minus MAE on the same seed, mean and 95% t interval over the pairs (one pair: its difference). "
+              "Detectable: the true difference a paired t test at 5% would find with 80% power given the pairs' "
+              "spread ((t_0.975 + t_0.80) sd / sqrt(n)).", "",
               "| measure | " + " | ".join(LABELS[a][0] for a in arms) + " | "
               + " | ".join(f"{short} - MAE" for short in shorts) + f" | detectable ({', '.join(shorts)}) |",
               "|---|" + "---|" * (len(arms) + len(others) + 1)]
@@ -350,11 +433,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         intervals = " | ".join(paired.format_interval(d, digits(key)) for d in diffs)
         lines.append(f"| {label} | {' | '.join(means)} | {intervals} | "
                      + ", ".join("-" if x is None else f"{x:.{digits(key)}f}" for x in detect) + " |")
-    lines += baseline_table(read_rows(baselines_csv(args.csv)))
-    out = args.csv.with_suffix(".md")
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {out}")
+    lines += baseline_table([r for r in baseline_rows if r.get("protocol", PROTOCOL) == PROTOCOL])
+    return "\n".join(lines) + "\n"
 
 
 def baseline_table(rows: list[dict[str, str]]) -> list[str]:
@@ -367,7 +447,7 @@ def baseline_table(rows: list[dict[str, str]]) -> list[str]:
              "lbfgs, 200 iterations) instead of the LARS probe. Mean over seeds (per seed).", "",
              "| baseline | feature | seeds | linear probe (%) | 20-NN (%) | probe lr |", "|---|---|---|---|---|---|"]
     names = {"random_init": "random initialisation", "raw_pixels": "raw pixels"}
-    features = {"cls": "class token", "mean": "mean pool", "pixels": "pixels"}
+    features = {"cls": "cls", "mean": "mean", "gpool": "gpool", "pixels": "pixels"}
     for kind, feature in dict.fromkeys((r["baseline"], r["feature"]) for r in rows):
         group = sorted((r for r in rows if (r["baseline"], r["feature"]) == (kind, feature)),
                        key=lambda r: int(r["seed"]))
@@ -397,16 +477,21 @@ def arm_list(text: str) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "baselines", "report"])
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("UMAE_RUNS", "/tmp/umae-runs/cifar10_paired")),
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("UMAE_RUNS", "/tmp/umae-runs/cifar10_e20")),
                    help="run folders (outside the work tree)")
     p.add_argument("--csv", type=Path, default=None,
-                   help="one row per arm and seed (default: docs/results/cifar10_paired.csv; <out>/smoke.csv with SMOKE=1)")
+                   help="one row per arm and seed (default: docs/results/cifar10_e20.csv; <out>/smoke.csv with SMOKE=1); "
+                        "the curves go to <csv stem>_curves.csv, the baselines to <csv stem>_baselines.csv")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where pre-training and probes run (cuda: one GPU)")
     p.add_argument("--commit", action="store_true", help="git-commit the CSV after every finished run (or baseline)")
     p.add_argument("--arms", type=arm_list, default=list(DEFAULT_ARMS), metavar="ARM,ARM,...",
                    help=f"arms to run, in this order (known: {', '.join(ARMS)}); the report adds any arm in the CSV")
     args = p.parse_args()
     if args.csv is None:
-        args.csv = args.out / "smoke.csv" if SMOKE else ROOT / "docs" / "results" / "cifar10_paired.csv"
+        args.csv = args.out / "smoke.csv" if SMOKE else ROOT / "docs" / "results" / "cifar10_e20.csv"
+    global DEVICE
+    DEVICE = args.device
     {"run": cmd_run, "baselines": cmd_baselines, "report": cmd_report}[args.command](args)
 
 

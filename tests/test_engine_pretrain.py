@@ -131,21 +131,25 @@ def test_train_one_epoch_feeds_the_probe_the_tapped_pool():
             torch.testing.assert_close(seen[b], pool_latent(latent, "cls"), rtol=1e-5, atol=1e-6)
 
 
-def test_measure_collapse_both_pools_batched_float32():
+def test_measure_collapse_every_feature_batched_float32():
     model = mae()
     imgs = torch.randn(10, 3, 32, 32)
     stats = E.measure_collapse(model, imgs, batch_size=3)
     with torch.no_grad():
         latent = model.forward_latent(imgs)
-    for pool in ("mean", "cls"):
-        f = pool_latent(latent, pool)
+        pre_norm = model._run_blocks(model.blocks, torch.cat(
+            [(model.cls_token + model.pos_embed[:, :1]).expand(10, -1, -1),
+             model.patch_embed(imgs) + model.pos_embed[:, 1:]], dim=1))
+    gpool = torch.nn.functional.layer_norm(pre_norm[:, 1:].mean(1), (pre_norm.shape[-1],), eps=1e-6)
+    for pool in ("mean", "cls", "gpool"):
+        f = gpool if pool == "gpool" else pool_latent(latent, pool)
         assert stats[f"effective_rank_{pool}"] == pytest.approx(effective_rank(f), rel=1e-5)
         assert stats[f"effective_rank_centered_{pool}"] == pytest.approx(effective_rank_centered(f), rel=1e-5)
         assert stats[f"unif_{pool}"] == pytest.approx(float(uniformity_loss(f, gather=False)), rel=1e-5)
     assert stats == pytest.approx(E.measure_collapse(model, imgs, batch_size=100))  # batching changes nothing
     init = E.measure_collapse(model, imgs, batch_size=4, init=True)
-    assert set(init) == {"effective_rank_init_mean", "effective_rank_init_cls", "effective_rank_centered_init_mean",
-                         "effective_rank_centered_init_cls", "unif_init_mean", "unif_init_cls"}
+    assert set(init) == {f"{m}_init_{f}" for m in ("effective_rank", "effective_rank_centered", "unif")
+                         for f in ("cls", "mean", "gpool")}
     assert init["unif_init_cls"] == pytest.approx(stats["unif_cls"])
     # bf16 autocast for the encoder; the measures are float32 / float64 values all the same
     bf16 = E.measure_collapse(model, imgs, batch_size=4, autocast=lambda: torch.autocast("cpu", torch.bfloat16))
@@ -246,3 +250,41 @@ def test_compiled_step_with_the_probe_tap_trains_as_eager(monkeypatch):
     torch._dynamo.reset()
     for key in ("loss", "loss_mae", "loss_unif", "probe_loss"):
         assert stats[True][key] == pytest.approx(stats[False][key], rel=1e-4, abs=1e-6), key
+
+
+def test_online_probes_train_one_head_per_feature_on_the_masked_pass():
+    """`OnlineProbes` + `TokenTap`: each head sees its own named feature of the training pass
+    (checked against the masked pass recomputed), and is evaluated on that feature; the unsuffixed
+    keys are the headline feature's, equal to a lone probe of it."""
+    from umae_plugin.features import TokenTap
+
+    model = mae().train()
+    loader = val_loader(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    probes = E.OnlineProbes(32, 3)
+    seen = {n: [] for n in probes.names}
+    for n in probes.names:
+        probes.heads[n].register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0].clone()))
+    tap = TokenTap(model.norm)
+    schedule = dict(lr=0.0, min_lr=0.0, warmup_epochs=0, epochs=1)
+    torch.manual_seed(3)
+    stats = E.train_one_epoch(model, loader, opt, device=torch.device("cpu"), epoch=0, mask_ratio=0.75,
+                              schedule=schedule, probe=probes,
+                              probe_optimizer=torch.optim.SGD(probes.parameters(), lr=0.0), probe_tap=tap)
+    assert {"probe_loss", "probe_loss_cls", "probe_loss_mean", "probe_loss_gpool"} <= set(stats)
+    assert stats["probe_loss"] == pytest.approx(sum(stats[f"probe_loss_{n}"] for n in probes.names) / 3, rel=1e-5)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for b, (imgs, _) in enumerate(loader):
+            latent, _, ids_restore = model.forward_encoder(imgs, 0.75)
+            tap.tokens()  # (the reference pass went through the hook too)
+            model.forward_decoder(latent, torch.arange(64).expand(4, 64))
+            for n in ("cls", "mean"):
+                torch.testing.assert_close(seen[n][b], pool_latent(latent, n), rtol=1e-5, atol=1e-6)
+            assert seen["gpool"][b].shape == (4, 32)
+    tap.remove()
+    out = E.evaluate_probe(model, probes, val_loader(), torch.device("cpu"), mask_ratio=0.5, pool="cls")
+    alone = E.evaluate_probe(model, probes.heads["cls"], val_loader(), torch.device("cpu"), mask_ratio=0.5, pool="cls")
+    for key, value in alone.items():
+        assert out[key] == out[f"{key}_cls"] == value, key
+    assert {f"online_probe_unmasked_acc1_{n}" for n in probes.names} <= set(out)

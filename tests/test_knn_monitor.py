@@ -96,7 +96,12 @@ def test_pretrain_logs_knn_every_n_epochs_and_at_the_end(tmp_path):
         "--knn_bank", "500", "--output_dir", str(tmp_path), "--log_dir", str(tmp_path), "--print_freq", "100"])
     main_pretrain.main(args)
     lines = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
-    assert ["knn_acc1" in line for line in lines] == [True, False, True]  # epochs 0 and 2 (the last)
-    for line in (lines[0], lines[2]):
+    # after 2 epochs of training (epoch index 1) and after the last (index 2); the initial weights on line 0
+    assert ["knn_acc1" in line for line in lines] == [False, True, True]
+    assert set(k for k in lines[0] if k.startswith("knn")) == {"knn_acc1_init", "knn_acc1_init_cls",
+                                                               "knn_acc1_init_mean", "knn_acc1_init_gpool"}
+    for line in (lines[1], lines[2]):
         assert 0.0 <= line["knn_acc1"] <= 1.0 and line["knn_time_s"] > 0
-        assert line["knn_acc1"] > 0.2  # ten digit classes: far above chance even from an encoder this small
+        assert line["knn_acc1"] == line["knn_acc1_mean"]  # the headline: --feature_pool (default --unif_pool mean)
+        for f in ("cls", "mean", "gpool"):
+            assert line[f"knn_acc1_{f}"] > 0.2, f  # ten digit classes: far above chance even from an encoder this small

@@ -24,48 +24,98 @@ def rows_of(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow  # four pre-training runs and their probes: minutes on 2 CPU cores
+@pytest.mark.slow  # three short pre-training runs, their probes and the baselines: ~2-3 minutes on 2 CPU cores
 def test_paired_recipe_smoke(tmp_path):
-    first = recipe("run", out=tmp_path)
+    first = recipe("run", "--arms", "mae,umae_cls,umae_mean", out=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    module = load_recipe()
     rows = rows_of(tmp_path / "smoke.csv")
     assert [(r["arm"], r["seed"]) for r in rows] == [("mae", "0"), ("umae_cls", "0"), ("umae_mean", "0")]
     for r in rows:  # every measure was found in the logs; M-MAE's term is M-MAE's arm's alone
         empty = [k for k, v in r.items() if v == ""]
         assert empty == ["train_loss_tcr"], (r["arm"], empty)
-        assert 0 <= float(r["test_acc1_mean"]) <= 100 and float(r["effective_rank_cls"]) >= 1
-    again = recipe("run", out=tmp_path)
+        assert r["protocol"] == "e20" and r["commit"]
+        for f in ("cls", "mean", "gpool"):
+            assert 0 <= float(r[f"test_acc1_{f}"]) <= 100 and float(r[f"effective_rank_{f}"]) >= 1
+    # the curves: epoch 0 (initial weights) and after every epoch (SMOKE monitors every epoch), per run
+    curves = rows_of(tmp_path / "smoke_curves.csv")
+    assert [(c["arm"], c["epoch"]) for c in curves] == [(a, e) for a in ("mae", "umae_cls", "umae_mean")
+                                                         for e in ("0", "1", "2")]
+    assert curves[0]["online_probe_masked_acc1_cls"] == ""  # no online probe before training
+    assert all(c["knn_monitor_acc1_gpool"] != "" and c["effective_rank_mean"] != "" for c in curves)
+    last = {c["arm"]: c for c in curves if c["epoch"] == "2"}
+    for r in rows:  # the CSV's final monitors are the curves' last point
+        assert r["effective_rank_cls"] == last[r["arm"]]["effective_rank_cls"]
+        assert r["knn_monitor_acc1_mean"] == last[r["arm"]]["knn_monitor_acc1_mean"]
+    # every arm's probe command: identical but for the checkpoint and folder
+    commands = [line for line in first.stdout.splitlines() if line.startswith("+ ") and "main_linprobe.py" in line]
+    assert len(commands) == 3
+    normalised = {c.replace(f"{arm}_seed0", "RUN") for c, arm in zip(commands, ("mae", "umae_cls", "umae_mean"))}
+    assert len(normalised) == 1 and "--cls_token" in commands[0] and "--lr_search" in commands[0]
+    again = recipe("run", "--arms", "mae,umae_cls,umae_mean", out=tmp_path)
     assert again.returncode == 0 and again.stdout.count("skip ") == 3
     report = recipe("report", out=tmp_path)
     assert report.returncode == 0, report.stderr
     table = (tmp_path / "smoke.md").read_text()
-    assert "| linear probe, mean pool (%) |" in table and "(one pair)" in table
-    assert "M-MAE" not in table and "TCR" not in table  # the three-arm report as before
-
-    mmae = recipe("run", "--arms", "mae,umae_cls,umae_mean,mmae_cls", out=tmp_path)
-    assert mmae.returncode == 0, mmae.stderr[-3000:]
-    assert mmae.stdout.count("skip ") == 3 and "--reg TCR --uniformity_mu 3" in mmae.stdout
-    row = rows_of(tmp_path / "smoke.csv")[3]
-    assert row["arm"] == "mmae_cls" and [k for k, v in row.items() if v == ""] == []
-    assert float(row["train_loss_tcr"]) < 0
-    recipe("report", out=tmp_path)
-    table = (tmp_path / "smoke.md").read_text()
-    assert "| measure | MAE | U-MAE cls | U-MAE mean | M-MAE cls |" in table
-    assert "| TCR term, mu 3 (last epoch, train) | - | - | - |" in table
+    assert "| linear probe, cls (%) [primary endpoint] |" in table and "(one pair)" in table
+    assert "| measure | MAE | U-MAE cls | U-MAE mean |" in table and "M-MAE" not in table and "TCR" not in table
     assert "Baselines (no pre-training): not measured yet" in table
 
     base = recipe("baselines", out=tmp_path)
     assert base.returncode == 0, base.stderr[-3000:]
     rows = rows_of(tmp_path / "smoke_baselines.csv")
     assert [(r["baseline"], r["seed"], r["feature"]) for r in rows] == [
-        ("raw_pixels", "0", "pixels"), ("random_init", "0", "cls"), ("random_init", "0", "mean")]
+        ("raw_pixels", "0", "pixels"), ("random_init", "0", "cls"), ("random_init", "0", "mean"),
+        ("random_init", "0", "gpool")]
     assert all(0 <= float(r["linear_acc1"]) <= 100 and 0 <= float(r["knn_acc1"]) <= 100 for r in rows)
     assert rows[0]["probe_lr"] == "" and float(rows[1]["probe_lr"]) > 0
+    probe = [line for line in base.stdout.splitlines() if line.startswith("+ ") and "main_linprobe.py" in line]
+    assert probe[0].replace("init_seed0/checkpoint-init.pth", "RUN/checkpoint-last.pth").replace(
+        "init_seed0", "RUN") == commands[0].replace("mae_seed0", "RUN")  # the baseline's probe: the runs' command
     assert recipe("baselines", out=tmp_path).stdout.count("skip ") == 2
     recipe("report", out=tmp_path)
     table = (tmp_path / "smoke.md").read_text()
-    assert f"| random initialisation | mean pool | 0 | {float(rows[2]['linear_acc1']):.2f} |" in table
+    assert f"| random initialisation | gpool | 0 | {float(rows[3]['linear_acc1']):.2f} |" in table
     assert f"| raw pixels | pixels | 0 | {float(rows[0]['linear_acc1']):.2f} |" in table
+    assert module.COLUMNS == list(rows_of(tmp_path / "smoke.csv")[0])
+
+
+# The e20 CSV's header, pinned: the frozen copy of the code that runs the experiment appends rows with
+# it, and later code must keep reading them (`report`). Change it only by appending columns.
+E20_COLUMNS = (
+    "protocol,commit,arm,seed,epochs,"
+    "online_probe_masked_acc1_cls,online_probe_unmasked_acc1_cls,online_probe_masked_acc1_mean,"
+    "online_probe_unmasked_acc1_mean,online_probe_masked_acc1_gpool,online_probe_unmasked_acc1_gpool,"
+    "effective_rank_cls,effective_rank_centered_cls,unif_cls,effective_rank_mean,effective_rank_centered_mean,"
+    "unif_mean,effective_rank_gpool,effective_rank_centered_gpool,unif_gpool,"
+    "knn_monitor_acc1_cls,knn_monitor_acc1_mean,knn_monitor_acc1_gpool,train_loss_mae,train_loss_unif,"
+    "effective_rank_init_cls,effective_rank_centered_init_cls,unif_init_cls,effective_rank_init_mean,"
+    "effective_rank_centered_init_mean,unif_init_mean,effective_rank_init_gpool,effective_rank_centered_init_gpool,"
+    "unif_init_gpool,knn_monitor_acc1_init_cls,knn_monitor_acc1_init_mean,knn_monitor_acc1_init_gpool,"
+    "test_acc1_cls,test_acc1_mean,test_acc1_gpool,knn_acc1_cls,knn_acc1_mean,knn_acc1_gpool,"
+    "probe_lr_cls,probe_lr_mean,probe_lr_gpool,pretrain_s,probe_s,train_loss_tcr").split(",")
+
+
+def test_e20_csv_schema_is_pinned():
+    module = load_recipe()
+    assert module.COLUMNS[:len(E20_COLUMNS)] == E20_COLUMNS
+    assert set(module.CURVE_COLUMNS[:5]) == {"protocol", "commit", "arm", "seed", "epoch"}
+    assert set(module.CURVE_KEYS) <= set(E20_COLUMNS) | {"train_loss_mae"}
+
+
+def test_protocol_is_what_the_recipe_runs():
+    """docs/results/cifar10_e20_protocol.md was written before the runs; the recipe's flags say the same."""
+    module = load_recipe()
+    text = (ROOT / "docs" / "results" / "cifar10_e20_protocol.md").read_text()
+    assert module.EPOCHS == 20 and module.MONITOR_EVERY == 5 and module.DEFAULT_ARMS == ("mae", "umae_cls")
+    train = dict(zip(module.TRAIN[::2], module.TRAIN[1::2]))
+    assert train == {"--batch_size": "128", "--weight_decay": "0.05", "--lr": "1e-3", "--min_lr": "0",
+                     "--warmup_epochs": "2", "--epochs": "20"}
+    assert "--lr_factors" in module.PROBE and module.PROBE[module.PROBE.index("--lr_factors") + 1] == \
+        "0.1,0.3,1,3,10,30,100"
+    for fact in ("20 epochs", "batch 128", "lr 1e-3", "2 warm-up epochs", "0.1, 0.3, 1, 3, 10, 30, 100",
+                 "0, 5, 10, 15, 20", "10,000", "50,000", "primary", "U-MAE cls minus MAE"):
+        assert fact in text, fact
 
 
 def test_unknown_arm_is_refused(tmp_path):

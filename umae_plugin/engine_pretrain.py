@@ -1,10 +1,11 @@
 """The pre-training loop: one epoch of MAE / U-MAE steps, the online linear probe, and the
 collapse measurement. Explicit arguments, no `args` namespace.
 
-Features, everywhere here, are `models_mae.pool_latent` of the encoder's normalised output (the
-final norm applied to every token): `mean` averages the patch tokens (class token excluded),
-`cls` takes the class token, exactly as the models pool `terms["features"]` for the uniformity
-term."""
+Features, everywhere here, are the named features of `umae_plugin.features` (`cls`, `mean`:
+`models_mae.pool_latent` of the encoder's normalised output, exactly as the models pool
+`terms["features"]` for the uniformity term; `gpool`: a fresh fc_norm of the un-normed patch-token
+mean, the reference `--global_pool` classifier's), read off the encoder's final norm by a
+`features.TokenTap` during the pass the step or evaluation makes anyway."""
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from . import distributed
 from .data import epoch_bad_images, normalize_pixels
+from .features import FEATURES, TokenTap, check_names
 from .linprobe_cached import extract_features, knn_accuracy
 from .logger import Meters, RunLog, progress
 from .losses import uniformity_loss
@@ -42,6 +44,25 @@ class OnlineProbe(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(features))
+
+
+class OnlineProbes(nn.Module):
+    """One `OnlineProbe` per named feature (`features.FEATURES` by default): `forward` maps
+    {name: [B, D] features} to {name: [B, classes] logits}. Trained together (one optimiser: AdamW
+    is per-parameter, so each head follows its own loss exactly as alone)."""
+
+    def __init__(self, dim: int, num_classes: int, names: tuple[str, ...] = FEATURES) -> None:
+        super().__init__()
+        self.names = check_names(names)
+        self.heads = nn.ModuleDict({n: OnlineProbe(dim, num_classes) for n in self.names})
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: self.heads[n](features[n].float()) for n in self.names}
+
+
+def probe_losses(probe: nn.Module, features: dict[str, torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cross-entropy of each head of an `OnlineProbes` (possibly DDP-wrapped) on its feature."""
+    return {n: F.cross_entropy(logits, targets) for n, logits in probe(features).items()}
 
 
 # The plain module inside DDP (`.module`) and / or `torch.compile` (`._orig_mod`) wrappers.
@@ -95,7 +116,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     probe: nn.Module | None = None,
     probe_optimizer: torch.optim.Optimizer | None = None,
-    probe_tap: LatentTap | None = None,
+    probe_tap: LatentTap | TokenTap | None = None,
     print_freq: int = 20,
     run_log: RunLog | None = None,
 ) -> dict[str, float]:
@@ -118,9 +139,11 @@ def train_one_epoch(
     start discards them; DDP skips their all-reduce). The host reads device values only every
     `print_freq` steps and at the end of the epoch.
 
-    The probe trains on the detached features of the same masked pass: the model's
-    `terms["features"]` (`pool_latent(latent, model.feature_pool)`), or those of `probe_tap`
-    (`make_probe_tap`: the same latent pooled another way), without an extra forward.
+    The probe trains on the detached features of the same masked pass, without an extra forward:
+    an `OnlineProbes` on every feature of its `probe_tap` (a `features.TokenTap` on the encoder's
+    final norm), logging `probe_loss_<name>` per head and `probe_loss` (their mean); a single
+    `OnlineProbe` on the model's `terms["features"]` (`pool_latent(latent, model.feature_pool)`)
+    or on those of a `LatentTap` (`make_probe_tap`: the same latent pooled another way).
     """
     model.train()
     meters = Meters()
@@ -144,12 +167,18 @@ def train_one_epoch(
         values["loss"] = loss
         if probe is not None:
             targets = targets.to(device, non_blocking=True)
-            feats = probe_tap.features() if probe_tap is not None else terms["features"].detach()
-            probe_loss = F.cross_entropy(probe(feats.float()), targets)
+            if isinstance(probe_tap, TokenTap):
+                per_head = probe_losses(probe, probe_tap.features(unwrap(probe).names), targets)
+                probe_loss = torch.stack(list(per_head.values())).sum()
+                values.update({f"probe_loss_{n}": v.detach() for n, v in per_head.items()})
+            else:
+                feats = probe_tap.features() if probe_tap is not None else terms["features"].detach()
+                probe_loss = F.cross_entropy(probe(feats.float()), targets)
             probe_optimizer.zero_grad(set_to_none=True)
             probe_loss.backward()
             probe_optimizer.step()
-            values["probe_loss"] = probe_loss
+            values["probe_loss"] = probe_loss.detach() / (len(unwrap(probe).names) if isinstance(probe_tap, TokenTap)
+                                                          else 1)
         meters.update(**values)
         meters.update(lr=lr)
 
@@ -185,30 +214,33 @@ def _collapse_measures(feats: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def measure_collapse(
-    model: nn.Module, images: torch.Tensor, *, batch_size: int, autocast=contextlib.nullcontext, init: bool = False
+    model: nn.Module, images: torch.Tensor, *, batch_size: int, autocast=contextlib.nullcontext, init: bool = False,
+    names: tuple[str, ...] = FEATURES,
 ) -> dict[str, float]:
-    """Collapse measures of the features of unmasked `images` for both pools, whatever the model's:
-    `effective_rank_{mean,cls}` (uncentred, as the paper), `effective_rank_centered_{mean,cls}`
-    and `unif_{mean,cls}` (`losses.uniformity_loss` of the batch, not gathered). `mean` is the
-    mean of the final-normed patch tokens, `cls` the final-normed class token. The encoder runs
-    under `autocast` in batches of `batch_size`; the measures are computed on float32 features
-    outside it. With `init`, the keys read `effective_rank_init_mean`, ... (before training)."""
+    """Collapse measures of the named features (`features.FEATURES`) of unmasked `images`,
+    whatever the model's pool: `effective_rank_<name>` (uncentred, as the paper),
+    `effective_rank_centered_<name>` and `unif_<name>` (`losses.uniformity_loss` of the batch,
+    not gathered). The encoder runs under `autocast` in batches of `batch_size`; the measures are
+    computed on float32 features outside it. With `init`, the keys read
+    `effective_rank_init_mean`, ... (before training)."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    pooled: dict[str, list[torch.Tensor]] = {p: [] for p in FEATURE_POOLS}
+    pooled: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     try:
-        for chunk in images.split(max(1, batch_size)):
-            with autocast():
-                latent = model.forward_latent(chunk)
-            for pool in FEATURE_POOLS:
-                pooled[pool].append(pool_latent(latent, pool).float())
+        with TokenTap(model.norm) as tap:
+            for chunk in images.split(max(1, batch_size)):
+                with autocast():
+                    model.forward_latent(chunk)
+                    feats = tap.features(names)
+                for n in names:
+                    pooled[n].append(feats[n].float())
     finally:
         model.train(was_training)
     stats = {}
-    for pool in FEATURE_POOLS:
-        for name, value in _collapse_measures(torch.cat(pooled[pool])).items():
-            stats[f"{name}_init_{pool}" if init else f"{name}_{pool}"] = value
+    for n in names:
+        for name, value in _collapse_measures(torch.cat(pooled[n])).items():
+            stats[f"{name}_init_{n}" if init else f"{name}_{n}"] = value
     return stats
 
 
@@ -260,36 +292,55 @@ def evaluate_probe(
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (fractions; counts summed over ranks) of the online probe on the
     val images, both masked and unmasked: `online_probe_masked_acc{1,5}` on views masked with
-    `mask_ratio` as in training (the U-MAE reference's protocol, the paper's Table 4; the probe
-    is trained on such features), and `online_probe_unmasked_acc{1,5}` on whole images (what a
-    linear probe sees). Features are `pool_latent(latent, pool)` of the encoder's normalised
-    output, as in training. The masks are drawn from generators seeded with `mask_seed` (+ the
-    rank) inside `seeded_rng`: the same masks at every evaluation, the run's random state
-    untouched."""
+    `mask_ratio` as in training (the U-MAE reference code's protocol; the probe is trained on such
+    features), and `online_probe_unmasked_acc{1,5}` on whole images (what a linear probe sees).
+    For an `OnlineProbes` every head is evaluated on its own named feature (a `TokenTap` on the
+    final norm), keys `online_probe_{masked,unmasked}_acc{1,5}_<name>`, and the unsuffixed keys
+    are feature `pool`'s; a single `OnlineProbe` reads `pool_latent(latent, pool)`. The masks are
+    drawn from generators seeded with `mask_seed` (+ the rank) inside `seeded_rng`: the same masks
+    at every evaluation, the run's random state untouched."""
     model, probe = unwrap(model), unwrap(probe)
+    names = probe.names if isinstance(probe, OnlineProbes) else (pool,)
     was_training = model.training, probe.training
     model.eval()
     probe.eval()
-    counts = torch.zeros(5, device=device)  # masked top1, top5, unmasked top1, top5, n
+    counts = torch.zeros(len(names), 5, device=device)  # per head: masked top1, top5, unmasked top1, top5, n
+    tap = TokenTap(model.norm) if isinstance(probe, OnlineProbes) else None
     try:
         with seeded_rng(device, mask_seed + distributed.get_rank()):
             for imgs, targets in loader:
                 imgs, targets = imgs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                with autocast():
-                    masked = pool_latent(masked_latent(model, imgs, mask_ratio), pool)
-                    whole = pool_latent(model.forward_latent(imgs), pool)
-                hits = [*topk_correct(probe(masked.float()), targets, (1, 5)),
-                        *topk_correct(probe(whole.float()), targets, (1, 5))]
-                counts += torch.stack([*(h.float() for h in hits), torch.tensor(float(len(targets)), device=device)])
+                if tap is not None:
+                    with autocast():
+                        masked_latent(model, imgs, mask_ratio)
+                        masked = probe(tap.features(names))
+                        model.forward_latent(imgs)
+                        whole = probe(tap.features(names))
+                else:
+                    with autocast():
+                        masked = {pool: probe(pool_latent(masked_latent(model, imgs, mask_ratio), pool).float())}
+                        whole = {pool: probe(pool_latent(model.forward_latent(imgs), pool).float())}
+                n = torch.tensor(float(len(targets)), device=device)
+                counts += torch.stack([torch.stack([*(h.float() for h in topk_correct(masked[name].float(), targets, (1, 5))),
+                                                    *(h.float() for h in topk_correct(whole[name].float(), targets, (1, 5))),
+                                                    n]) for name in names])
     finally:
+        if tap is not None:
+            tap.remove()
         model.train(was_training[0])
         probe.train(was_training[1])
     if distributed.get_world_size() > 1:
         torch.distributed.all_reduce(counts)
-    m1, m5, u1, u5, n = counts.tolist()
-    n = max(n, 1)
-    return {"online_probe_masked_acc1": m1 / n, "online_probe_masked_acc5": m5 / n,
-            "online_probe_unmasked_acc1": u1 / n, "online_probe_unmasked_acc5": u5 / n}
+    out: dict[str, float] = {}
+    for name, (m1, m5, u1, u5, n) in zip(names, counts.tolist()):
+        n = max(n, 1)
+        accs = {"online_probe_masked_acc1": m1 / n, "online_probe_masked_acc5": m5 / n,
+                "online_probe_unmasked_acc1": u1 / n, "online_probe_unmasked_acc5": u5 / n}
+        if tap is not None:
+            out.update({f"{k}_{name}": v for k, v in accs.items()})
+        if name == pool:
+            out.update(accs)
+    return out
 
 
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # the cached probe's k-NN (DINO's): 20 neighbours, exp(s / 0.07) votes
@@ -313,25 +364,39 @@ def evaluate_knn(
     num_classes: int | None = None,
     k: int = KNN_K,
     temperature: float = KNN_TEMPERATURE,
+    names: tuple[str, ...] = FEATURES,
 ) -> dict[str, float]:
     """The k-NN monitor: weighted `k`-NN top-1 (`linprobe_cached.knn_accuracy`, the cached probe's
-    function) of the pooled features (`pool_latent(latent, pool)`) of unmasked val images against
-    those of a bank of unmasked training images, no training of anything. Each rank extracts its
-    share of both loaders (`linprobe_cached.extract_features`: unshuffled `DistributedSampler`s,
-    as `data.build_loader(train=False)` builds) and every rank gets the gathered sets. Returns
-    `knn_acc1` (a fraction) and `knn_time_s` (seconds the evaluation took, extraction included).
-    Works for any model with `forward_latent` (MAE, SimMIM, any lambda)."""
+    function) of each named feature (`names`; a `TokenTap` on the final norm) of unmasked val
+    images against those of a bank of unmasked training images, no training of anything. Each
+    rank extracts its share of both loaders (`linprobe_cached.extract_features`: unshuffled
+    `DistributedSampler`s, as `data.build_loader(train=False)` builds) and every rank gets the
+    gathered sets. Returns `knn_acc1_<name>` per feature, `knn_acc1` (feature `pool`'s; fractions)
+    and `knn_time_s` (seconds the evaluation took, extraction included). Works for any model with
+    `forward_latent` (MAE, SimMIM, any lambda)."""
     start = time.perf_counter()
     model = unwrap(model)
+    names = tuple(dict.fromkeys((*names, pool)))
+    tap = TokenTap(model.norm)
 
     def forward(imgs: torch.Tensor) -> torch.Tensor:
-        return pool_latent(model.forward_latent(imgs), pool)
+        model.forward_latent(imgs)
+        feats = tap.features(names)
+        return torch.cat([feats[n] for n in names], dim=1)
 
     big = 1 << 30  # no progress lines: the monitor's cost is logged as knn_time_s
-    bank, bank_labels = extract_features(model, bank_loader, device, autocast, forward=forward, print_freq=big)
-    val, val_labels = extract_features(model, val_loader, device, autocast, forward=forward, print_freq=big)
-    acc = knn_accuracy(bank, bank_labels, val, val_labels, k=k, temperature=temperature, num_classes=num_classes)
-    return {"knn_acc1": acc["acc1"], "knn_time_s": time.perf_counter() - start}
+    try:
+        bank, bank_labels = extract_features(model, bank_loader, device, autocast, forward=forward, print_freq=big)
+        val, val_labels = extract_features(model, val_loader, device, autocast, forward=forward, print_freq=big)
+    finally:
+        tap.remove()
+    out: dict[str, float] = {}
+    for name, b, v in zip(names, bank.chunk(len(names), dim=1), val.chunk(len(names), dim=1)):
+        acc = knn_accuracy(b, bank_labels, v, val_labels, k=k, temperature=temperature, num_classes=num_classes)
+        out[f"knn_acc1_{name}"] = acc["acc1"]
+    out["knn_acc1"] = out[f"knn_acc1_{pool}"]
+    out["knn_time_s"] = time.perf_counter() - start
+    return out
 
 
 def fixed_images(dataset: Any, num: int, seed: int = 0) -> torch.Tensor:

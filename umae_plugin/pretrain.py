@@ -18,8 +18,9 @@ import torch
 from . import checkpoint as ckpt
 from . import cli, data, distributed, run_folder
 from .distributed import GATHER_MODES
-from .engine_pretrain import (OnlineProbe, evaluate_knn, evaluate_probe, fixed_images, knn_bank_indices, make_probe_tap,
+from .engine_pretrain import (OnlineProbes, evaluate_knn, evaluate_probe, fixed_images, knn_bank_indices,
                               measure_collapse, train_one_epoch, unwrap)
+from .features import FEATURES, TokenTap
 from .errors import UsageError, UserError
 from .logger import RunLog, peak_memory_mb
 from .models_mae import FEATURE_POOLS
@@ -106,19 +107,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                     help="train a linear probe on detached features of the masked pass alongside (paper appendix "
                          "B.5); evaluated on masked (--mask_ratio, fixed masks) and unmasked val views")
     lg.add_argument("--feature_pool", default=None, choices=FEATURE_POOLS,
-                    help="the online probe's features: mean of the final-normed patch tokens, or the class token "
-                         "(None: --unif_pool)")
+                    help="the headline feature of the online probes and the k-NN monitor (unsuffixed keys; every "
+                         "feature is logged with its name): mean of the final-normed patch tokens, or the class "
+                         "token (None: --unif_pool)")
     lg.add_argument("--val-interval", "--val_interval", dest="val_interval", default=1, type=int,
-                    help="evaluate the online probe every N epochs")
+                    help="evaluate the online probes after every N epochs of training (epochs N, 2N, ...) and "
+                         "after the last")
     lg.add_argument("--erank_freq", default=1, type=int,
-                    help="effective rank (uncentred and centred) and uniformity of both pools of --erank_samples "
-                         "fixed val images every N epochs, and before training (0: off)")
+                    help="effective rank (uncentred and centred) and uniformity of every named feature (cls, mean, "
+                         "gpool) of --erank_samples fixed val images after every N epochs of training and the last, "
+                         "and before training (0: off)")
     lg.add_argument("--erank_samples", default=1024, type=int,
                     help="images the effective rank is measured on (at least the feature dimension)")
     lg.add_argument("--knn_freq", default=0, type=int,
-                    help="k-NN monitor every N epochs and at the end (0: off): weighted 20-NN top-1 (cosine, "
-                         "exp(s/0.07) votes, the cached probe's k-NN) of unmasked val features (--feature_pool) "
-                         "against --knn_bank unmasked training images, logged as knn_acc1 and knn_time_s; cost: one "
+                    help="k-NN monitor before training, after every N epochs of training and after the last (0: "
+                         "off): weighted 20-NN top-1 (cosine, exp(s/0.07) votes, the cached probe's k-NN) of every "
+                         "named feature of unmasked val images against --knn_bank unmasked training images, logged "
+                         "as knn_acc1_<feature> (knn_acc1: --feature_pool's) and knn_time_s; cost: one "
                          "encoder pass over bank + val, about 2 minutes per evaluation on CIFAR-10 (ViT-Tiny, 32 px, "
                          "10,000 + 10,000 images) on 2 free CPU cores")
     lg.add_argument("--knn_bank", default=10000, type=int,
@@ -357,11 +362,11 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
     probe = probe_optimizer = tap = None
     feature_pool = getattr(args, "feature_pool", None) or args.unif_pool
     if args.online_probe:
-        probe = OnlineProbe(model.embed_dim, data.num_classes(train_set)).to(device)
+        probe = OnlineProbes(model.embed_dim, data.num_classes(train_set)).to(device)
         probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.0, **adamw_options(device))
-        tap = make_probe_tap(model, feature_pool)  # before any wrapper or compile: registered once
-        log.info("online probe on %s-pooled features: trained on %g-masked views, evaluated on masked "
-                 "and unmasked val views", feature_pool, args.mask_ratio)
+        tap = TokenTap(model.norm)  # before any wrapper or compile: registered once
+        log.info("online probes, one per feature (%s; headline %s): trained on %g-masked views, evaluated on "
+                 "masked and unmasked val views", ", ".join(FEATURES), feature_pool, args.mask_ratio)
 
     start_epoch = args.start_epoch
     resume = ckpt.resolve_resume(args.resume, args.output_dir)
@@ -404,6 +409,10 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
     # Before any training step, only for a fresh run: on the first epoch line, `*_init_*` keys.
     init_stats = (measure_collapse(model, erank_images, init=True, **measure)
                   if erank_images is not None and resume is None else {})
+    if knn_sets is not None and resume is None:  # the k-NN monitor of the initial weights (curves start at 0)
+        init_stats.update({k.replace("knn_acc1", "knn_acc1_init"): v
+                           for k, v in _knn_monitor(model, knn_sets, args, rt, feature_pool).items()
+                           if k.startswith("knn_acc1")})
     if init_stats:
         run_log.scalars(init_stats, start_epoch * 1000)
     probe_loader = (data.build_loader(val_set, args.batch_size, train=False, num_workers=args.num_workers,
@@ -424,12 +433,13 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
         if epoch == start_epoch:
             stats.update(init_stats)
         last = epoch + 1 == args.epochs
-        if erank_images is not None and (epoch % args.erank_freq == 0 or last):
+        done = epoch + 1  # monitors after every N epochs of training: epochs N, 2N, ... and the last
+        if erank_images is not None and (done % args.erank_freq == 0 or last):
             stats.update(measure_collapse(model, erank_images, **measure))
-        if probe is not None and (epoch % args.val_interval == 0 or last):
+        if probe is not None and (done % args.val_interval == 0 or last):
             stats.update(evaluate_probe(model, probe, probe_loader, device, rt.autocast,
                                         mask_ratio=args.mask_ratio, pool=feature_pool))
-        if knn_sets is not None and (epoch % args.knn_freq == 0 or last):  # every rank: extraction is shared
+        if knn_sets is not None and (done % args.knn_freq == 0 or last):  # every rank: extraction is shared
             stats.update(_knn_monitor(model, knn_sets, args, rt, feature_pool))
         stats.update(epoch=epoch, n_parameters=n_params, max_mem_mb=peak_memory_mb(device))
 
