@@ -704,7 +704,7 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
 # `RandomResizedCrop.get_params`, then `torch.rand(1) < 0.5` for the flip) from the per-sample seeds
 # of `SeededDataset`, so every backend crops the same boxes of the same images.
 
-DATA_BACKENDS = ("pil", "tensor", "gpu")
+DATA_BACKENDS = ("pil", "tensor", "gpu", "memory")  # memory: `data_memory` (the loop builds it there)
 
 # torchvision 0.29 deprecates its image decoders for TorchCodec (>= 0.16), which is neither a dependency
 # here nor on the GPU machines; `_decode_jpeg` is the one place to switch. Its warning is not repeated.
@@ -1124,8 +1124,8 @@ def build_pretrain_dataset(name: str, data_path: str | Path | None, input_size: 
       `EncodedPretrainTransform`); `build_pretrain_loader` decodes them on the device.
 
     `tensor` and `gpu` decode image files: `imagefolder` only (`UsageError` otherwise)."""
-    if backend not in DATA_BACKENDS:
-        raise UsageError(f"--data_backend {backend!r}: choose from {DATA_BACKENDS}")
+    if backend not in DATA_BACKENDS or backend == "memory":
+        raise UsageError(f"--data_backend {backend!r}: choose from {DATA_BACKENDS[:3]} (memory: `data_memory`)")
     if backend == "pil":
         return build_dataset(name, data_path, "train", pretrain_transform(input_size, uint8=True), download)
     if name != "imagefolder":

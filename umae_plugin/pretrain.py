@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import cli, data, distributed, run_folder
+from . import cli, data, data_memory, distributed, run_folder
 from .distributed import GATHER_MODES
 from .engine_pretrain import (OnlineProbes, evaluate_knn, evaluate_probe, fixed_images, knn_bank_indices,
                               measure_collapse, train_one_epoch, unwrap)
@@ -100,8 +100,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                              help="training input pipeline (workers send uint8, the device normalises): pil = PIL "
                                   "decode and crop in the workers, the reference's values; tensor = torchvision's "
                                   "JPEG decoder and uint8 resize in the workers (faster, values close to PIL's); "
-                                  "gpu = workers read file bytes, the device decodes (nvJPEG), crops and flips. "
+                                  "gpu = workers read file bytes, the device decodes (nvJPEG), crops and flips; "
+                                  "memory = the set decoded once into a uint8 tensor on the device, cropped and "
+                                  "flipped there in batches with the pil backend's draws (grid_sample bicubic, a = "
+                                  "-0.75, not PIL's -0.5; one image size; every DDP rank holds all of it). "
                                   "tensor / gpu: --dataset imagefolder")
+    g[cli.DATA].add_argument("--memory_budget_mb", default=data_memory.DEFAULT_BUDGET_MB, type=float,
+                             help="--data_backend memory: refuse a decoded set larger than this (MiB)")
     lg = g[cli.LOGGING]
     lg.add_argument("--online_probe", action="store_true",
                     help="train a linear probe on detached features of the masked pass alongside (paper appendix "
@@ -296,8 +301,11 @@ def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 def _datasets(args: argparse.Namespace, rt: Runtime) -> tuple[Any, Any]:
     """The training set and, when the effective rank or the online probe needs one, the val set
     (the training images, unaugmented, when there is no val split and only the rank needs it)."""
-    train_set = data.build_pretrain_dataset(args.dataset, args.data_path, args.input_size,
-                                            getattr(args, "data_backend", "pil"), args.download)
+    backend = getattr(args, "data_backend", "pil")
+    if backend == "memory":  # decoded once into a tensor when the loader is built (`data_memory`)
+        train_set = data_memory.source_dataset(args.dataset, args.data_path, args.download)
+    else:
+        train_set = data.build_pretrain_dataset(args.dataset, args.data_path, args.input_size, backend, args.download)
     data.require_full_batch(train_set, args.batch_size, rt.world_size)
     val_set = None
     if args.online_probe or args.erank_freq > 0:
@@ -333,9 +341,14 @@ def _pretrain(args: argparse.Namespace, rt: Runtime, train_set: Any, val_set: An
               knn_sets: tuple[Any, Any] | None = None) -> dict[str, Any]:
     device = rt.device
     pin_memory = args.pin_mem and device.type == "cuda"
-    loader = data.build_pretrain_loader(train_set, args.batch_size, backend=getattr(args, "data_backend", "pil"),
-                                        device=device, input_size=args.input_size, num_workers=args.num_workers,
-                                        pin_memory=pin_memory, seed=args.seed)
+    if getattr(args, "data_backend", "pil") == "memory":
+        loader = data_memory.build_memory_loader(train_set, args.batch_size, input_size=args.input_size, device=device,
+                                                 seed=args.seed, budget_mb=args.memory_budget_mb,
+                                                 num_workers=args.num_workers)
+    else:
+        loader = data.build_pretrain_loader(train_set, args.batch_size, backend=getattr(args, "data_backend", "pil"),
+                                            device=device, input_size=args.input_size, num_workers=args.num_workers,
+                                            pin_memory=pin_memory, seed=args.seed)
 
     record = pretrain_model_args(args)
     model = ckpt.build_model(record)  # from the record the checkpoints carry: they rebuild exactly this model
