@@ -234,7 +234,7 @@ def linked_folder(unique: Path, root: Path, total: int) -> Path:
     return root
 
 
-def pretrain_runs(cfg: dict, root: Path, device: torch.device, workers: int, backends=data.DATA_BACKENDS) -> dict:
+def pretrain_runs(cfg: dict, root: Path, device: torch.device, workers: int, backends=data.FILE_BACKENDS) -> dict:
     out = {}
     for backend in backends:
         with tempfile.TemporaryDirectory() as tmp:
@@ -327,7 +327,7 @@ def main() -> None:
         workers = 1 if smoke else max(1, cores - 1)
         if "data_path" not in skip:
             result["data_path"] = {}
-            for backend in data.DATA_BACKENDS:
+            for backend in data.FILE_BACKENDS:
                 r = loader_rate(loader_root, backend, cfg["input_size"], cfg["pretrain_batch"], workers, device)
                 result["data_path"][backend] = r
                 log(f"data path {backend}: {r['images_per_s']:.0f} images/s with {workers} workers")
@@ -337,7 +337,7 @@ def main() -> None:
             result["main_pretrain"] = {"steps": cfg["pretrain_steps"], "batch": cfg["pretrain_batch"],
                                        "workers": workers, "compile": False,
                                        "runs": pretrain_runs(cfg, root, device, workers,
-                                                             ("gpu",) if smoke else data.DATA_BACKENDS)}
+                                                             ("gpu",) if smoke else data.FILE_BACKENDS)}
     result["seconds"] = round(time.perf_counter() - start, 1)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "device"
     out = args.out_dir / f"gpu_check_{'smoke_' if smoke else ''}{slug}.json"

@@ -1,12 +1,23 @@
-"""MAE vs U-MAE on CIFAR-10 with paired seeds: the pre-declared 20-epoch protocol of
-docs/results/cifar10_e20_protocol.md, run on the CPU (or `--device cuda`), then the paired
-differences with 95% t intervals and the curves.
+"""MAE vs U-MAE on CIFAR-10 with paired seeds, on the CPU or one GPU: the pre-declared 20-epoch
+protocol of docs/results/cifar10_e20_protocol.md (`--setting e20`, the default) or its 100-epoch GPU
+version (`--setting g100`), then the paired differences with 95% t intervals and the curves. Every
+step is the package's own: `main_pretrain.py` (loop, monitors, model builder), `main_linprobe.py`
+(the probes); this file only runs them and tabulates their logs.
 
     python recipes/cifar10_paired.py run              # MAE and U-MAE cls x seeds 0, 1, 2; skips rows in the CSV
     python recipes/cifar10_paired.py run --arms mae,umae_cls,umae_mean   # with the optional third arm
     python recipes/cifar10_paired.py baselines        # the probes at the runs' initial weights; raw pixels
-    python recipes/cifar10_paired.py report           # docs/results/cifar10_e20.md from the CSV(s)
+    python recipes/cifar10_paired.py report           # docs/results/cifar10_e20.md (+ curves png) from the CSVs
+    python recipes/cifar10_paired.py run --setting g100 --deadline_s 300 --archive $OUT/g100.tar.gz   # one GPU
     SMOKE=1 python recipes/cifar10_paired.py run --out /tmp/smoke   # digits, tiny model, one seed (CI)
+
+`--setting g100`: 100 epochs, batch 1024, lr = blr * batch / 256 = 3e-4 * 1024 / 256 = 1.2e-3, 10
+warm-up epochs, bf16 autocast, `--data_backend memory` (the training set decoded once and held on
+the GPU), monitors every 10 epochs, the same features, probe and CSV schema; its rows go to
+docs/results/cifar10_g100.csv (protocol "g100"). `--deadline_s` stops the run in flight when the
+time is up (finished rows are kept; it resumes on the next start) and `--archive` packs the rows,
+curves, report and figure (no checkpoints) into one .tar.gz: `benchmarks/gpu_run.sh` is the
+prepared GPU session.
 
 Setting (`PROTOCOL` "e20"): ViT-Tiny, 32 px, patch 4, 128-d 2-block decoder, norm-pix, mask 0.75,
 batch 128, AdamW (0.9, 0.95), weight decay 0.05, lr 1e-3, 2 warm-up epochs (MAE's 10%) then a
@@ -101,6 +112,35 @@ if SMOKE:  # digits, a tiny encoder, two epochs: the same code path in seconds
                 "--erank_samples", "64", "--knn_freq", "1", "--knn_bank", "500"]
     PROBE = ["--epochs", "3", "--warmup_epochs", "1", "--batch_size", "256", "--lr", "1.0", "--lr_factors", "0.1,1,10"]
 
+# The GPU setting (`--setting g100`, protocol "g100"): the same arms, features, monitors, probe and CSV
+# schema at 100 epochs, batch 1024, lr = blr * batch / 256 = 3e-4 * 1024 / 256 = 1.2e-3, 10 warm-up
+# epochs, bf16, the training set held on the GPU (`--data_backend memory`), monitors every 10 epochs.
+SETTINGS = {
+    "e20": dict(protocol="e20", epochs=EPOCHS, monitor_every=MONITOR_EVERY, train=TRAIN, monitors=MONITORS,
+                extra=[], device="cpu", workers="0" if SMOKE else "2"),
+    "g100": dict(protocol="g100", epochs=2 if SMOKE else 100, monitor_every=1 if SMOKE else 10,
+                 train=(["--batch_size", "128", "--weight_decay", "0.05", "--lr", "1e-3", "--min_lr", "0",
+                         "--warmup_epochs", "1", "--epochs", "2"] if SMOKE else
+                        ["--batch_size", "1024", "--weight_decay", "0.05", "--blr", "3e-4", "--min_lr", "0",
+                         "--warmup_epochs", "10", "--epochs", "100"]),
+                 monitors=(MONITORS if SMOKE else
+                           ["--online_probe", "--feature_pool", "cls", "--val-interval", "10", "--erank_freq", "10",
+                            "--erank_samples", "1024", "--knn_freq", "10", "--knn_bank", "10000"]),
+                 extra=["--data_backend", "memory", *([] if SMOKE else ["--amp", "bf16"])],
+                 device="cpu" if SMOKE else "cuda", workers="0" if SMOKE else "4"),
+}
+EXTRA: list[str] = []  # setting-specific pre-training flags (`use_setting`)
+
+
+def use_setting(name: str, device: str | None = None) -> None:
+    """Make `name` the setting every command of this process uses (`--setting`)."""
+    global PROTOCOL, EPOCHS, MONITOR_EVERY, TRAIN, MONITORS, EXTRA, DEVICE, WORKERS
+    st = SETTINGS[name]
+    PROTOCOL, EPOCHS, MONITOR_EVERY = st["protocol"], st["epochs"], st["monitor_every"]
+    TRAIN, MONITORS, EXTRA, WORKERS = st["train"], st["monitors"], st["extra"], st["workers"]
+    DEVICE = device or st["device"]
+
+
 # Columns of the CSV (accuracies in percent); `test_*` / `knn_acc1_*` / `probe_lr_*` are the endpoint probe's,
 # `knn_monitor_*` the monitor's (10,000-image bank). The schema is pinned by tests/test_recipes.py.
 PRETRAIN_KEYS = [
@@ -173,10 +213,24 @@ def log_lines(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "log.txt").read_text().splitlines() if line.strip()]
 
 
+class DeadlineReached(Exception):
+    """The `--deadline_s` budget ran out while a command ran (it was stopped; its folder resumes)."""
+
+
+DEADLINE: list[float | None] = [None]  # time.time() by which every command must have ended (`--deadline_s`)
+
+
 def run(cmd: list[str]) -> float:
+    """Run `cmd` in the checkout; past the deadline it is stopped and `DeadlineReached` raised."""
     print("+", " ".join(cmd), flush=True)
     start = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    timeout = None if DEADLINE[0] is None else DEADLINE[0] - start
+    if timeout is not None and timeout <= 0:
+        raise DeadlineReached("no time left")
+    try:
+        subprocess.run(cmd, cwd=ROOT, check=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DeadlineReached(f"stopped after {time.time() - start:.0f} s: {' '.join(cmd[1:3])}") from None
     return time.time() - start
 
 
@@ -207,7 +261,7 @@ def probe_command(checkpoint: Path, seed: int, folder: Path) -> list[str]:
 
 
 def pretrain_command(arm: str, seed: int, folder: Path) -> list[str]:
-    return [sys.executable, "main_pretrain.py", *MODEL, *ARMS[arm], *TRAIN, *data_flags(), *MONITORS,
+    return [sys.executable, "main_pretrain.py", *MODEL, *ARMS[arm], *TRAIN, *EXTRA, *data_flags(), *MONITORS,
             "--seed", str(seed), "--device", DEVICE, "--num_workers", WORKERS, "--save_freq", "1000",
             "--print_freq", "50", "--output_dir", str(folder), "--log_dir", str(folder), "--resume", "auto"]
 
@@ -267,6 +321,24 @@ def curves_csv(path: Path) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    """Every (seed, arm) not yet in the CSV, seed-major; with `--deadline_s`, the run in flight when
+    it passes is stopped (its folder resumes on the next start), then `report` and `--archive`."""
+    if args.deadline_s:
+        DEADLINE[0] = time.time() + args.deadline_s
+    try:
+        run_all(args)
+    except DeadlineReached as err:
+        print(f"deadline ({args.deadline_s:g} s) reached: {err}; finished rows are kept, the run in flight "
+              "resumes on the next start", flush=True)
+    finally:
+        DEADLINE[0] = None
+    if args.archive is not None:
+        if read_rows(args.csv):
+            cmd_report(args)
+        write_archive(args)
+
+
+def run_all(args: argparse.Namespace) -> None:
     done = {(r["arm"], int(r["seed"])) for r in read_rows(args.csv)}
     commit_id = code_commit()
     for seed in SEEDS:  # seed-major: each finished seed completes a pair as early as possible
@@ -376,11 +448,69 @@ PER_SEED = ["test_acc1_cls", "test_acc1_mean", "test_acc1_gpool", "knn_acc1_cls"
             "probe_lr_mean", "probe_lr_gpool", "commit"]
 
 
+CURVE_PANELS = [("effective_rank", "effective rank (uncentred)"), ("knn_monitor_acc1", "20-NN monitor top-1 (%)"),
+                ("online_probe_unmasked_acc1", "online probe top-1 (%), unmasked val")]
+STYLES = {"mae": ("tab:blue", "o", "-"), "umae_cls": ("tab:orange", "s", "--"), "umae_mean": ("tab:green", "^", ":"),
+          "mmae_cls": ("tab:red", "D", "-.")}
+
+
+def curve_series(curves: list[dict], arm: str, key: str) -> list[tuple[int, float, float, float, int]]:
+    """(epoch, mean, min, max, seeds) of `key` over the seeds of `arm` at every monitor epoch."""
+    by_epoch: dict[int, list[float]] = {}
+    for c in curves:
+        if c["arm"] == arm and c.get(key) not in ("", None):
+            by_epoch.setdefault(int(c["epoch"]), []).append(float(c[key]))
+    return [(e, statistics.fmean(v), min(v), max(v), len(v)) for e, v in sorted(by_epoch.items())]
+
+
+def plot_curves(curves: list[dict], path: Path) -> bool:
+    """Fig. 1c / 3b style: per feature (columns) the effective rank, the 20-NN monitor and the unmasked
+    online probe (rows) over pre-training epochs, one marker and line style per arm (offset a little
+    so none hides another), mean over seeds with min-max bars. False without matplotlib."""
+    try:
+        from umae_plugin.analysis import report
+    except ImportError as err:
+        print(f"warning: no figure ({err}); run `report` where matplotlib is installed", flush=True)
+        return False
+    arms = [a for a in ARMS if any(c["arm"] == a for c in curves)]
+    seeds = sorted({int(c["seed"]) for c in curves})
+    fig = report.new_figure(1400, 1000)
+    axes = fig.subplots(len(CURVE_PANELS), len(FEATURES), squeeze=False)
+    for row, (metric, label) in enumerate(CURVE_PANELS):
+        for col, feature in enumerate(FEATURES):
+            ax = axes[row][col]
+            for k, arm in enumerate(arms):
+                series = curve_series(curves, arm, f"{metric}_{feature}")
+                if not series:
+                    continue
+                colour, marker, style = STYLES.get(arm, ("black", "x", "-"))
+                shift = (k - (len(arms) - 1) / 2) * 0.25
+                ax.errorbar([e + shift for e, *_ in series], [m for _, m, *_ in series],
+                            yerr=[[m - lo for _, m, lo, _, _ in series], [hi - m for _, m, _, hi, _ in series]],
+                            color=colour, marker=marker, linestyle=style, capsize=3, markersize=4,
+                            label=f"{LABELS[arm][0]} ({max(n for *_, n in series)} seed(s))")
+            ax.set_xlabel("pre-training epoch")
+            ax.set_ylabel(label)
+            ax.set_title(f"feature {feature}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"CIFAR-10 (val), ViT-Tiny 32 px patch 4, protocol {PROTOCOL} ({EPOCHS} epochs), seeds {seeds}: "
+                 "mean over seeds, bars min-max; rank of 1,024 fixed val images; 20-NN of the val set against a "
+                 "10,000-image training bank; online probes from epoch " f"{MONITOR_EVERY}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    report.save_figure(fig, path)
+    return True
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     rows = [r for r in read_rows(args.csv) if r.get("protocol", PROTOCOL) == PROTOCOL]
     if not rows:
         sys.exit(f"error: {args.csv}: no {PROTOCOL} runs yet")
     text = report_text(rows, read_rows(baselines_csv(args.csv)), args.csv.name, args.arms)
+    curves = [c for c in read_rows(curves_csv(args.csv)) if c.get("protocol", PROTOCOL) == PROTOCOL]
+    png = args.csv.with_name(f"{args.csv.stem}_curves.png")
+    if curves and plot_curves(curves, png):
+        text += f"\n![{PROTOCOL} curves: rank, 20-NN monitor and online probe per feature]({png.name})\n"
     out = args.csv.with_suffix(".md")
     out.write_text(text)
     print(text)
@@ -465,6 +595,28 @@ def baseline_table(rows: list[dict[str, str]]) -> list[str]:
     return lines
 
 
+ARCHIVE_LIMIT = 16 * 2**20  # what one file from a GPU machine may be
+
+
+def write_archive(args: argparse.Namespace) -> Path:
+    """`--archive`: one .tar.gz of the finished rows, curves, baselines, report and figure (no
+    checkpoints), under `ARCHIVE_LIMIT`, written atomically."""
+    stem = args.csv.with_suffix("")
+    files = [p for p in (args.csv, curves_csv(args.csv), baselines_csv(args.csv), args.csv.with_suffix(".md"),
+                         stem.with_name(stem.name + "_curves.png")) if p.is_file()]
+    args.archive.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.archive.with_name(args.archive.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for p in files:
+            tar.add(p, arcname=p.name)
+    if tmp.stat().st_size > ARCHIVE_LIMIT:
+        tmp.unlink()
+        sys.exit(f"error: {args.archive}: the archive would exceed {ARCHIVE_LIMIT} bytes")
+    os.replace(tmp, args.archive)
+    print(f"wrote {args.archive}: {', '.join(p.name for p in files)}", flush=True)
+    return args.archive
+
+
 def arm_list(text: str) -> list[str]:
     """`mae,umae_cls,umae_mean,mmae_cls` -> the arms, each known and once."""
     arms = [a.strip() for a in text.split(",") if a.strip()]
@@ -477,21 +629,32 @@ def arm_list(text: str) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "baselines", "report"])
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("UMAE_RUNS", "/tmp/umae-runs/cifar10_e20")),
-                   help="run folders (outside the work tree)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run folders, outside the work tree (default: $UMAE_RUNS or /tmp/umae-runs/cifar10_<setting>)")
     p.add_argument("--csv", type=Path, default=None,
                    help="one row per arm and seed (default: docs/results/cifar10_e20.csv; <out>/smoke.csv with SMOKE=1); "
                         "the curves go to <csv stem>_curves.csv, the baselines to <csv stem>_baselines.csv")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="where pre-training and probes run (cuda: one GPU)")
+    p.add_argument("--setting", default="e20", choices=list(SETTINGS),
+                   help="e20: the CPU protocol (20 epochs, batch 128); g100: the GPU one (100 epochs, batch 1024, "
+                        "bf16, --data_backend memory); each has its own CSV, run folders and protocol name")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="where pre-training and probes run (default: the setting's: e20 cpu, g100 cuda)")
+    p.add_argument("--deadline_s", type=float, default=0,
+                   help="run: stop the run in flight after this many seconds (0: no deadline); finished rows "
+                        "are kept and the stopped run resumes on the next start")
+    p.add_argument("--archive", type=Path, default=None,
+                   help="run: afterwards (also at the deadline) write the rows, curves, report and figure into "
+                        "this .tar.gz (no checkpoints; at most 16 MiB)")
     p.add_argument("--commit", action="store_true", help="git-commit the CSV after every finished run (or baseline)")
     p.add_argument("--arms", type=arm_list, default=list(DEFAULT_ARMS), metavar="ARM,ARM,...",
                    help=f"arms to run, in this order (known: {', '.join(ARMS)}); the report adds any arm in the CSV")
     args = p.parse_args()
+    use_setting(args.setting, args.device)
+    if args.out is None:
+        args.out = Path(os.environ.get("UMAE_RUNS", f"/tmp/umae-runs/cifar10_{PROTOCOL}"))
     if args.csv is None:
-        args.csv = args.out / "smoke.csv" if SMOKE else ROOT / "docs" / "results" / "cifar10_e20.csv"
-    global DEVICE
-    DEVICE = args.device
+        args.csv = (args.out / ("smoke.csv" if PROTOCOL == "e20" else f"smoke_{PROTOCOL}.csv") if SMOKE
+                    else ROOT / "docs" / "results" / f"cifar10_{PROTOCOL}.csv")
     {"run": cmd_run, "baselines": cmd_baselines, "report": cmd_report}[args.command](args)
 
 

@@ -27,7 +27,7 @@ def test_bench_data_smoke_writes_ratios_to_the_reference(tmp_path):
 
 
 def test_gpu_check_smoke_mode_runs_on_the_cpu(tmp_path):
-    env = dict(os.environ, SMOKE="1")
+    env = dict(os.environ, SMOKE="1", PYTHON=sys.executable)  # this interpreter, whatever is first on PATH
     run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--out_dir", str(tmp_path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
@@ -43,3 +43,20 @@ def test_gpu_check_smoke_mode_runs_on_the_cpu(tmp_path):
     assert all(r["images_per_s"] > 0 for r in result["data_path"].values())
     gpu = result["main_pretrain"]["runs"]["gpu"]
     assert gpu["train_images_per_s"] > 0 and 0 <= gpu["train_data_wait_frac"] <= 1
+
+
+def test_gpu_run_script_archives_within_the_device_limits(tmp_path):
+    """benchmarks/gpu_run.sh in SMOKE mode with a budget too small for the GPU check: the recipe is
+    cut at its deadline, and $OUT holds at most 8 files of at most 16 MiB (the device's limits): the
+    archive, the recipe's log and the check's log saying it was skipped."""
+    out = tmp_path / "out"
+    env = dict(os.environ, SMOKE="1", PYTHON=sys.executable, OUT=str(out), RUNS=str(tmp_path / "runs"),
+               BUDGET_S="20", RECIPE_S="5")
+    run = subprocess.run(["bash", "benchmarks/gpu_run.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["cifar10_g100.tar.gz", "gpu_check.log", "recipe.log"]
+    assert all((out / f).stat().st_size <= 16 * 2**20 for f in files) and len(files) <= 8
+    assert "deadline (5 s) reached" in (out / "recipe.log").read_text()
+    assert "skipped" in (out / "gpu_check.log").read_text()

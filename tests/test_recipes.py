@@ -31,9 +31,10 @@ def test_paired_recipe_smoke(tmp_path):
     module = load_recipe()
     rows = rows_of(tmp_path / "smoke.csv")
     assert [(r["arm"], r["seed"]) for r in rows] == [("mae", "0"), ("umae_cls", "0"), ("umae_mean", "0")]
-    for r in rows:  # every measure was found in the logs; M-MAE's term is M-MAE's arm's alone
+    for r in rows:  # every measure was found in the logs; the terms are their arms' alone (MAE logs none)
         empty = [k for k, v in r.items() if v == ""]
-        assert empty == ["train_loss_tcr"], (r["arm"], empty)
+        assert empty == (["train_loss_unif", "train_loss_tcr"] if r["arm"] == "mae" else ["train_loss_tcr"]), \
+            (r["arm"], empty)
         assert r["protocol"] == "e20" and r["commit"]
         for f in ("cls", "mean", "gpool"):
             assert 0 <= float(r[f"test_acc1_{f}"]) <= 100 and float(r[f"effective_rank_{f}"]) >= 1
@@ -116,6 +117,57 @@ def test_protocol_is_what_the_recipe_runs():
     for fact in ("20 epochs", "batch 128", "lr 1e-3", "2 warm-up epochs", "0.1, 0.3, 1, 3, 10, 30, 100",
                  "0, 5, 10, 15, 20", "10,000", "50,000", "primary", "U-MAE cls minus MAE"):
         assert fact in text, fact
+
+
+def test_report_tables_recompute_from_the_csv_independently():
+    """The report's per-arm means, paired intervals and detectable effect, recomputed here from the
+    rows with a t quantile taken from a table (t_0.975 and t_0.80 at 2 df) and the textbook formulas."""
+    import random
+    import statistics as st
+
+    module = load_recipe()
+    rng = random.Random(0)
+    rows = []
+    for seed in (0, 1, 2):
+        for arm in ("mae", "umae_cls"):
+            row = {c: "" for c in module.COLUMNS}
+            row.update(protocol="e20", commit="abc", arm=arm, seed=str(seed), epochs="20")
+            for key in module.PROBE_KEYS + module.PRETRAIN_KEYS:
+                row[key] = f"{rng.uniform(40, 70):.4f}"
+            rows.append(row)
+    text = module.report_text(rows, [], "x.csv", ["mae", "umae_cls"])
+    line = next(ln for ln in text.splitlines() if ln.startswith("| linear probe, cls (%) [primary endpoint] |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    mae = [float(r["test_acc1_cls"]) for r in rows if r["arm"] == "mae"]
+    cls = [float(r["test_acc1_cls"]) for r in rows if r["arm"] == "umae_cls"]
+    diffs = [b - a for a, b in zip(mae, cls)]
+    mean, sd = sum(diffs) / 3, st.stdev(diffs)
+    half = 4.303 * sd / 3 ** 0.5
+    assert cells[1] == f"{sum(mae) / 3:.2f}" and cells[2] == f"{sum(cls) / 3:.2f}"
+    assert cells[3] == f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+    assert cells[4] == f"{(4.303 + 1.061) * sd / 3 ** 0.5:.2f}"
+    assert "(one pair)" not in line
+
+
+def test_g100_setting_stops_at_its_deadline_and_archives_what_finished(tmp_path):
+    """The GPU setting's code path on the CPU (SMOKE): a deadline that passes during the first run
+    stops it cleanly (exit 0, the run resumes later) and the archive holds no row; a second start
+    without a deadline finishes the pair and archives rows, curves, report and figure (no checkpoint)."""
+    import tarfile
+
+    archive = tmp_path / "results.tar.gz"
+    cut = recipe("run", "--setting", "g100", "--deadline_s", "3", "--archive", str(archive), out=tmp_path)
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert "deadline (3 s) reached" in cut.stdout and not (tmp_path / "smoke_g100.csv").exists()
+    assert "--data_backend memory" in cut.stdout and archive.is_file()
+    full = recipe("run", "--setting", "g100", "--archive", str(archive), out=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    rows = rows_of(tmp_path / "smoke_g100.csv")
+    assert [(r["arm"], r["protocol"]) for r in rows] == [("mae", "g100"), ("umae_cls", "g100")]
+    with tarfile.open(archive) as tar:
+        names = sorted(tar.getnames())
+    assert names == sorted(["smoke_g100.csv", "smoke_g100_curves.csv", "smoke_g100.md", "smoke_g100_curves.png"])
+    assert archive.stat().st_size < 16 * 2**20
 
 
 def test_unknown_arm_is_refused(tmp_path):

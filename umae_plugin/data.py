@@ -234,50 +234,6 @@ def eval_transform(input_size: int) -> transforms.Compose:
     return linprobe_transform(input_size, train=False)
 
 
-# Batched augmentation of same-size images on the device (recipes/cifar10_gpu.py: CIFAR-10 held on
-# the GPU). File-based pre-training uses `resized_crop_uint8` instead: torchvision's integer boxes,
-# a size per decoded image, and antialiasing for downscaled crops, which `grid_sample` lacks.
-
-
-def crop_flip_params(n: int, generator: torch.Generator, *, scale: tuple[float, float] = PRETRAIN_SCALE,
-                     ratio: tuple[float, float] = PRETRAIN_RATIO, flip_p: float = 0.5) -> torch.Tensor:
-    """Affine matrices [n, 2, 3] (float32, on the generator's device) mapping output coordinates to
-    input coordinates in `F.affine_grid`'s normalised [-1, 1] frame: per sample one draw of the area
-    fraction (uniform in `scale`), the aspect ratio (log-uniform in `ratio`), the box's position
-    (uniform where it fits) and a horizontal flip (probability `flip_p`). Width and height, as
-    fractions of the image's, are clamped to 1 (one draw, no retries, like
-    `RandomResizedCropNoRetry`). A box [x0, x0 + w] (fractions) maps output u in [-1, 1] to
-    x = w * u + (2 * x0 + w - 1); a flip negates w (mirror about the box's centre)."""
-    u = torch.rand(n, 5, generator=generator, device=generator.device)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
-    aspect = log_r.exp()
-    w = (area * aspect).sqrt().clamp(max=1.0)
-    h = (area / aspect).sqrt().clamp(max=1.0)
-    x0, y0 = u[:, 2] * (1 - w), u[:, 3] * (1 - h)
-    sx = torch.where(u[:, 4] < flip_p, -w, w)
-    theta = torch.zeros(n, 2, 3, device=generator.device)
-    theta[:, 0, 0], theta[:, 0, 2] = sx, 2 * x0 + w - 1
-    theta[:, 1, 1], theta[:, 1, 2] = h, 2 * y0 + h - 1
-    return theta
-
-
-def resized_crop(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [B, 3, H, W] and `crop_flip_params` [B, 2, 3] -> float32 [B, 3, size, size], values
-    0..255: bicubic resampling (as the MAE pre-training transform), edge pixels repeated, clamped."""
-    grid = F.affine_grid(theta, [images.shape[0], images.shape[1], size, size], align_corners=False)
-    out = F.grid_sample(images.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
-    return out.clamp_(0, 255)
-
-
-def gpu_augment(images: torch.Tensor, generator: torch.Generator, size: int,
-                scale: tuple[float, float] = PRETRAIN_SCALE) -> torch.Tensor:
-    """The MAE pre-training augmentation on a batch of same-size images, on their device: uint8
-    [B, 3, H, W] -> normalised float32 [B, 3, size, size] (`normalize_pixels`). All draws come from
-    `generator`: the same generator state gives the same batch."""
-    return normalize_pixels(resized_crop(images, crop_flip_params(len(images), generator, scale=scale), size))
-
-
 # ---------------------------------------------------------------------------------------------
 # datasets
 
@@ -704,7 +660,8 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
 # `RandomResizedCrop.get_params`, then `torch.rand(1) < 0.5` for the flip) from the per-sample seeds
 # of `SeededDataset`, so every backend crops the same boxes of the same images.
 
-DATA_BACKENDS = ("pil", "tensor", "gpu", "memory")  # memory: `data_memory` (the loop builds it there)
+FILE_BACKENDS = ("pil", "tensor", "gpu")  # loaders over the dataset's items (`build_pretrain_dataset`)
+DATA_BACKENDS = (*FILE_BACKENDS, "memory")  # memory: the set decoded once (`data_memory`; pretrain builds it)
 
 # torchvision 0.29 deprecates its image decoders for TorchCodec (>= 0.16), which is neither a dependency
 # here nor on the GPU machines; `_decode_jpeg` is the one place to switch. Its warning is not repeated.
@@ -1124,8 +1081,8 @@ def build_pretrain_dataset(name: str, data_path: str | Path | None, input_size: 
       `EncodedPretrainTransform`); `build_pretrain_loader` decodes them on the device.
 
     `tensor` and `gpu` decode image files: `imagefolder` only (`UsageError` otherwise)."""
-    if backend not in DATA_BACKENDS or backend == "memory":
-        raise UsageError(f"--data_backend {backend!r}: choose from {DATA_BACKENDS[:3]} (memory: `data_memory`)")
+    if backend not in FILE_BACKENDS:
+        raise UsageError(f"--data_backend {backend!r}: choose from {FILE_BACKENDS} here (memory: `data_memory`)")
     if backend == "pil":
         return build_dataset(name, data_path, "train", pretrain_transform(input_size, uint8=True), download)
     if name != "imagefolder":
