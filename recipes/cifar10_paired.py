@@ -454,6 +454,10 @@ STYLES = {"mae": ("tab:blue", "o", "-"), "umae_cls": ("tab:orange", "s", "--"), 
           "mmae_cls": ("tab:red", "D", "-.")}
 
 
+def flag_value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
 def curve_series(curves: list[dict], arm: str, key: str) -> list[tuple[int, float, float, float, int]]:
     """(epoch, mean, min, max, seeds) of `key` over the seeds of `arm` at every monitor epoch."""
     by_epoch: dict[int, list[float]] = {}
@@ -484,7 +488,7 @@ def plot_curves(curves: list[dict], path: Path) -> bool:
                 if not series:
                     continue
                 colour, marker, style = STYLES.get(arm, ("black", "x", "-"))
-                shift = (k - (len(arms) - 1) / 2) * 0.25
+                shift = (k - (len(arms) - 1) / 2) * 0.05 * MONITOR_EVERY  # so no curve hides another
                 ax.errorbar([e + shift for e, *_ in series], [m for _, m, *_ in series],
                             yerr=[[m - lo for _, m, lo, _, _ in series], [hi - m for _, m, _, hi, _ in series]],
                             color=colour, marker=marker, linestyle=style, capsize=3, markersize=4,
@@ -494,10 +498,13 @@ def plot_curves(curves: list[dict], path: Path) -> bool:
             ax.set_title(f"feature {feature}", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle(f"CIFAR-10 (val), ViT-Tiny 32 px patch 4, protocol {PROTOCOL} ({EPOCHS} epochs), seeds {seeds}: "
-                 "mean over seeds, bars min-max; rank of 1,024 fixed val images; 20-NN of the val set against a "
-                 "10,000-image training bank; online probes from epoch " f"{MONITOR_EVERY}", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    data_name = "digits (SMOKE)" if SMOKE else "CIFAR-10"
+    fig.suptitle(f"{data_name}, ViT-Tiny 32 px patch 4, MAE vs U-MAE, protocol {PROTOCOL} ({EPOCHS} epochs), seeds "
+                 f"{seeds}; points: mean over seeds, bars: min-max over seeds, arms offset slightly in x\n"
+                 f"rank: {int(flag_value(MONITORS, '--erank_samples')):,} fixed val images; 20-NN monitor: the val set "
+                 f"against a fixed {int(flag_value(MONITORS, '--knn_bank')):,}-image training bank; online probes "
+                 f"(from epoch {MONITOR_EVERY}): unmasked val views", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     report.save_figure(fig, path)
     return True
 
