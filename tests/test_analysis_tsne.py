@@ -43,12 +43,14 @@ def test_embed_separates_obvious_clusters():
 def test_figure_title_is_the_given_one_above_each_panels_own(tmp_path, monkeypatch):
     saved = []
     monkeypatch.setattr(tsne.report, "save_figure", lambda fig, path: saved.append(fig) or path)
-    panels = [{"label": name, "coords": np.zeros((4, 2)), "silhouette": 0.5} for name in ("A", "B")]
+    panels = [{"label": name, "coords": np.zeros((4, 2)), "silhouette": 0.5, "training_seed": seed}
+              for name, seed in (("A", 3), ("B", None))]
     tsne.plot_panels(panels, np.array([0, 0, 1, 1]), ["x", "y"], tmp_path / "t.png", 100, title="the data")
     fig = saved[0]
     assert fig._suptitle.get_text() == "the data"
     assert [ax.get_title() for ax in fig.axes] == [
-        f"{name}\n(cosine silhouette of the features, not of this embedding: 0.500)" for name in ("A", "B")]
+        f"{name}\n(cosine silhouette of the features, not of this embedding: 0.500)" for name in ("A (training seed 3)",
+                                                                                                 "B")]
 
 
 def test_tsne_cli_two_checkpoints(tmp_path):
@@ -64,5 +66,5 @@ def test_tsne_cli_two_checkpoints(tmp_path):
     assert len(rows) == 2 * 18 and {r["label"] for r in rows} == {"MAE", "U-MAE"}
     result = json.loads((out / "tsne.json").read_text())
     assert len(result["coords"]["MAE"]) == 18 and len(set(result["classes"])) == 3
-    assert result["settings"]["title"] == ("t-SNE of 18 digits val images (3 classes, sample seed 0), "
+    assert result["settings"]["title"] == ("t-SNE of 18 digits val images (3 classes; image sample and t-SNE seed 0), "
                                            "L2-normalised each model's own pooled encoder features")

@@ -70,6 +70,8 @@ def plot_panels(panels: Sequence[dict[str, Any]], labels: np.ndarray, class_name
             name = class_names[c] if c < len(class_names) else str(c)
             ax.scatter(coords[sel, 0], coords[sel, 1], s=6, color=colours(i), label=name)
         panel_title = panel["label"]
+        if panel.get("training_seed") is not None:
+            panel_title += f" (training seed {panel['training_seed']})"
         if panel.get("silhouette") is not None:
             panel_title += f"\n(cosine silhouette of the features, not of this embedding: {panel['silhouette']:.3f})"
         ax.set_title(panel_title, fontsize=9)
@@ -120,12 +122,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         feats_np = feats.double().numpy()
         log.info("%s: t-SNE of %d features (dim %d)", label, *feats_np.shape)
         coords, kl = embed(feats_np, seed=args.seed, perplexity=args.perplexity, max_iter=args.max_iter)
+        seed = (lm.args or {}).get("seed")  # the training run's seed, when the checkpoint stores its args
         panels.append({"label": label, "checkpoint": str(path), "coords": coords, "kl_divergence": kl,
-                       "silhouette": silhouette(feats_np, class_labels)})
+                       "silhouette": silhouette(feats_np, class_labels), "training_seed": seed})
     class_names = list(getattr(ds, "classes", [])) or [str(c) for c in range(int(class_labels.max()) + 1)]
     pooled = f"{args.pool}-pooled" if args.pool else "each model's own pooled"
     title = (f"t-SNE of {len(class_labels)} {F.data_name(args.dataset, args.data_path, args.split)} images "
-             f"({len(np.unique(class_labels))} classes, sample seed {args.seed}), "
+             f"({len(np.unique(class_labels))} classes; image sample and t-SNE seed {args.seed}), "
              f"{'raw' if args.no_l2 else 'L2-normalised'} {pooled} encoder features")
     plot_panels(panels, class_labels, class_names, out / "tsne.png", args.panel_px, title=title)
     rows = [{"label": p["label"], "index": int(i), "class": int(c), "x": float(x), "y": float(y)}
