@@ -267,12 +267,12 @@ def test_cached_probe_reports_every_feature_the_same_whatever_the_flag(tmp_path,
     runs = {}
     for flag in ("--cls_token", "--global_pool"):
         out = tmp_path / flag.strip("-")
-        runs[flag] = (out, main_linprobe.main(cached_args(out, "--lr_search", pool=flag, epochs=2,
-                                                          finetune=pretrained)))
+        runs[flag] = (out, main_linprobe.main(cached_args(out, "--lr_search", "--lr_factors", "1,3", pool=flag,
+                                                          epochs=2, finetune=pretrained)))
     (_, ct), (_, gp) = runs["--cls_token"], runs["--global_pool"]
     assert ct["features"] == gp["features"] == list(FEATURES) and ct["features_unavailable"] == []
     for key in [*FEATURE_KEYS, *(f"probe_lr_{f}" for f in FEATURES)]:
-        assert 0.0 <= ct[key] <= (1.0 if "acc" in key else 500.0), key
+        assert 0.0 <= ct[key] <= (1.0 if "acc" in key else 15.0), key
         assert ct[key] == gp[key], key  # bitwise: one definition of each feature, one protocol
     for stats, name in ((ct, "cls"), (gp, "gpool")):
         assert stats["feature"] == name

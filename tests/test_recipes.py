@@ -26,11 +26,11 @@ def rows_of(path):
 
 @pytest.mark.slow  # three short pre-training runs, their probes and the baselines: ~2-3 minutes on 2 CPU cores
 def test_paired_recipe_smoke(tmp_path):
-    first = recipe("run", "--arms", "mae,umae_cls,umae_mean", out=tmp_path)
+    first = recipe("run", out=tmp_path)  # the default arms, MAE and U-MAE cls
     assert first.returncode == 0, first.stderr[-3000:]
     module = load_recipe()
     rows = rows_of(tmp_path / "smoke.csv")
-    assert [(r["arm"], r["seed"]) for r in rows] == [("mae", "0"), ("umae_cls", "0"), ("umae_mean", "0")]
+    assert [(r["arm"], r["seed"]) for r in rows] == [("mae", "0"), ("umae_cls", "0")]
     for r in rows:  # every measure was found in the logs; the terms are their arms' alone (MAE logs none)
         empty = [k for k, v in r.items() if v == ""]
         assert empty == (["train_loss_unif", "train_loss_tcr"] if r["arm"] == "mae" else ["train_loss_tcr"]), \
@@ -40,8 +40,7 @@ def test_paired_recipe_smoke(tmp_path):
             assert 0 <= float(r[f"test_acc1_{f}"]) <= 100 and float(r[f"effective_rank_{f}"]) >= 1
     # the curves: epoch 0 (initial weights) and after every epoch (SMOKE monitors every epoch), per run
     curves = rows_of(tmp_path / "smoke_curves.csv")
-    assert [(c["arm"], c["epoch"]) for c in curves] == [(a, e) for a in ("mae", "umae_cls", "umae_mean")
-                                                         for e in ("0", "1", "2")]
+    assert [(c["arm"], c["epoch"]) for c in curves] == [(a, e) for a in ("mae", "umae_cls") for e in ("0", "1", "2")]
     assert curves[0]["online_probe_masked_acc1_cls"] == ""  # no online probe before training
     assert all(c["knn_monitor_acc1_gpool"] != "" and c["effective_rank_mean"] != "" for c in curves)
     last = {c["arm"]: c for c in curves if c["epoch"] == "2"}
@@ -50,16 +49,17 @@ def test_paired_recipe_smoke(tmp_path):
         assert r["knn_monitor_acc1_mean"] == last[r["arm"]]["knn_monitor_acc1_mean"]
     # every arm's probe command: identical but for the checkpoint and folder
     commands = [line for line in first.stdout.splitlines() if line.startswith("+ ") and "main_linprobe.py" in line]
-    assert len(commands) == 3
-    normalised = {c.replace(f"{arm}_seed0", "RUN") for c, arm in zip(commands, ("mae", "umae_cls", "umae_mean"))}
+    assert len(commands) == 2
+    normalised = {c.replace(f"{arm}_seed0", "RUN") for c, arm in zip(commands, ("mae", "umae_cls"))}
     assert len(normalised) == 1 and "--cls_token" in commands[0] and "--lr_search" in commands[0]
-    again = recipe("run", "--arms", "mae,umae_cls,umae_mean", out=tmp_path)
-    assert again.returncode == 0 and again.stdout.count("skip ") == 3
+    again = recipe("run", out=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("skip ") == 2
     report = recipe("report", out=tmp_path)
     assert report.returncode == 0, report.stderr
     table = (tmp_path / "smoke.md").read_text()
     assert "| linear probe, cls (%) [primary endpoint] |" in table and "(one pair)" in table
-    assert "| measure | MAE | U-MAE cls | U-MAE mean |" in table and "M-MAE" not in table and "TCR" not in table
+    assert "| measure | MAE | U-MAE cls |" in table and "U-MAE mean" not in table and "M-MAE" not in table
+    assert "TCR" not in table
     assert "Baselines (no pre-training): not measured yet" in table
 
     base = recipe("baselines", out=tmp_path)
@@ -152,7 +152,7 @@ def test_report_tables_recompute_from_the_csv_independently():
 def test_g100_setting_stops_at_its_deadline_and_archives_what_finished(tmp_path):
     """The GPU setting's code path on the CPU (SMOKE): a deadline that passes during the first run
     stops it cleanly (exit 0, the run resumes later) and the archive holds no row; a second start
-    without a deadline finishes the pair and archives rows, curves, report and figure (no checkpoint)."""
+    without a deadline finishes that run and archives rows, curves, report and figure (no checkpoint)."""
     import tarfile
 
     archive = tmp_path / "results.tar.gz"
@@ -160,10 +160,10 @@ def test_g100_setting_stops_at_its_deadline_and_archives_what_finished(tmp_path)
     assert cut.returncode == 0, cut.stderr[-3000:]
     assert "deadline (3 s) reached" in cut.stdout and not (tmp_path / "smoke_g100.csv").exists()
     assert "--data_backend memory" in cut.stdout and archive.is_file()
-    full = recipe("run", "--setting", "g100", "--archive", str(archive), out=tmp_path)
+    full = recipe("run", "--setting", "g100", "--arms", "mae", "--archive", str(archive), out=tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
     rows = rows_of(tmp_path / "smoke_g100.csv")
-    assert [(r["arm"], r["protocol"]) for r in rows] == [("mae", "g100"), ("umae_cls", "g100")]
+    assert [(r["arm"], r["protocol"]) for r in rows] == [("mae", "g100")]
     with tarfile.open(archive) as tar:
         names = sorted(tar.getnames())
     assert names == sorted(["smoke_g100.csv", "smoke_g100_curves.csv", "smoke_g100.md", "smoke_g100_curves.png"])
