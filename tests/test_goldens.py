@@ -30,6 +30,7 @@ def test_the_comparison_flags_a_changed_tensor_and_a_changed_value():
     tensors = torch.load(GOLDENS / f"{name}.pt", weights_only=True)
     values = json.loads((GOLDENS / f"{name}.json").read_text())
     assert module.compare(name, tensors, values) == []  # the goldens equal themselves
+    assert (GOLDENS / "pretrain_umae_checkpoint-0.pth").is_file()  # the old checkpoint the resume starts from
     key = next(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 1)
     changed = dict(tensors, **{key: tensors[key].clone().view(-1).index_add_(0, torch.tensor([0]),
                                                                          torch.tensor([1e-3])).view_as(tensors[key])})
