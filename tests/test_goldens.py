@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 GOLDENS = Path(__file__).resolve().parent / "goldens"
 
@@ -21,13 +22,13 @@ def load():
 def test_every_scenario_has_goldens():
     module = load()
     for name in module.SCENARIOS:
-        assert (GOLDENS / f"{name}.pt").is_file() and (GOLDENS / f"{name}.json").is_file(), name
+        assert (GOLDENS / f"{name}.safetensors").is_file() and (GOLDENS / f"{name}.json").is_file(), name
 
 
 def test_the_comparison_flags_a_changed_tensor_and_a_changed_value():
     module = load()
     name = "linprobe_cached"
-    tensors = torch.load(GOLDENS / f"{name}.pt", weights_only=True)
+    tensors = load_file(GOLDENS / f"{name}.safetensors")
     values = json.loads((GOLDENS / f"{name}.json").read_text())
     assert module.compare(name, tensors, values) == []  # the goldens equal themselves
     assert (GOLDENS / "pretrain_umae_checkpoint-0.pth").is_file()  # the old checkpoint the resume starts from

@@ -2,7 +2,7 @@
 models and data (CPU, one thread), and keeps every checkpoint tensor and every deterministic
 logged value, so a refactor can be checked to change nothing.
 
-    python tests/goldens/scenarios.py make [NAME ...]     # (re)write tests/goldens/<name>.pt / .json
+    python tests/goldens/scenarios.py make [NAME ...]     # (re)write tests/goldens/<name>.safetensors / .json
     python tests/goldens/scenarios.py check [NAME ...]    # compare with them; exit 1 on a difference
 
 Scenarios: pre-training U-MAE with the online probes, ranks and k-NN monitor (`pretrain_umae`); the
@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -159,7 +160,7 @@ def capture(name: str, work: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def compare(name: str, tensors: dict, values: dict) -> list[str]:
     """The differences from the stored goldens of `name`, as lines (empty: none)."""
-    gold_t = torch.load(HERE / f"{name}.pt", weights_only=True)
+    gold_t = load_file(HERE / f"{name}.safetensors")
     gold_v = json.loads((HERE / f"{name}.json").read_text())
     exact = gold_v["meta"]["cpu_capability"] == values["meta"]["cpu_capability"] and \
         gold_v["meta"]["torch"] == values["meta"]["torch"]
@@ -202,7 +203,7 @@ def main(argv: list[str]) -> int:
         for name in names:
             tensors, values = capture(name, work)
             if argv[0] == "make":
-                torch.save(tensors, HERE / f"{name}.pt")
+                save_file({k: v.contiguous() for k, v in tensors.items()}, HERE / f"{name}.safetensors")
                 (HERE / f"{name}.json").write_text(json.dumps(values, indent=1, sort_keys=True) + "\n")
                 print(f"wrote {name}: {len(tensors)} tensors, {sum(len(v) for k, v in values.items() if k != 'meta')} "
                       "log lines", flush=True)
