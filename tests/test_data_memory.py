@@ -138,3 +138,20 @@ def test_pretraining_with_the_memory_backend_resumes_bitwise(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     line = json.loads((full / "log.txt").read_text().splitlines()[-1])
     assert math.isfinite(line["train_loss"]) and line["train_images_per_s"] > 0
+
+
+def test_the_memory_backend_leaves_the_initial_weights_as_the_pil_backend_does(tmp_path):
+    """Decoding the set draws nothing from the global generator: at lr 0 (AdamW moves nothing) the
+    model after one epoch is, bitwise, the one the pil backend's run starts from with the same seed."""
+    from umae_plugin import checkpoint as ckpt
+    states = {}
+    for backend in ("pil", "memory"):
+        out = tmp_path / backend
+        argv = ["--model", "mae_vit_micro", "--dataset", "digits", "--input_size", "32", "--epochs", "1",
+                "--warmup_epochs", "1", "--batch_size", "128", "--lr", "0", "--device", "cpu", "--num_workers", "0",
+                "--output_dir", str(out), "--log_dir", str(out), "--erank_freq", "0", "--data_backend", backend,
+                "--seed", "4"]
+        main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+        states[backend] = ckpt.torch_load(out / "checkpoint-last.pth")["model"]
+    for k in states["pil"]:
+        assert torch.equal(states["pil"][k], states["memory"][k]), k

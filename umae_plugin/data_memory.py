@@ -56,7 +56,11 @@ def decode_dataset(dataset: Dataset, *, budget_mb: float = DEFAULT_BUDGET_MB, nu
     def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
         return [img for img, _ in items], torch.tensor([int(t) for _, t in items])
 
-    for batch, targets in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate):
+    # a generator of its own: iterating a loader draws its base seed, which must not come from (and move)
+    # the global generator the model is initialised from
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(0))
+    for batch, targets in loader:
         for k, img in enumerate(batch):
             if img.shape != first.shape:
                 raise UsageError(f"--data_backend memory needs images of one size: item {start + k} is "

@@ -101,16 +101,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                                   "decode and crop in the workers, the reference's values; tensor = torchvision's "
                                   "JPEG decoder and uint8 resize in the workers (faster, values close to PIL's); "
                                   "gpu = workers read file bytes, the device decodes (nvJPEG), crops and flips; "
-                                  "memory = the set decoded once into a uint8 tensor on the device, cropped and "
-                                  "flipped there in batches with the pil backend's draws (grid_sample bicubic, a = "
-                                  "-0.75, not PIL's -0.5; one image size; every DDP rank holds all of it). "
+                                  "memory = the set decoded once into a uint8 tensor on the device, each batch "
+                                  "cropped, resized (torch's antialiased bicubic, PIL's kernel) and flipped there with "
+                                  "the pil backend's draws (one image size; every DDP rank holds all of it). "
                                   "tensor / gpu: --dataset imagefolder")
     g[cli.DATA].add_argument("--memory_budget_mb", default=data_memory.DEFAULT_BUDGET_MB, type=float,
                              help="--data_backend memory: refuse a decoded set larger than this (MiB)")
     lg = g[cli.LOGGING]
     lg.add_argument("--online_probe", action="store_true",
-                    help="train a linear probe on detached features of the masked pass alongside (paper appendix "
-                         "B.5); evaluated on masked (--mask_ratio, fixed masks) and unmasked val views")
+                    help="train one linear probe per named feature (cls, mean, gpool) on detached features of the "
+                         "masked pass alongside (paper appendix B.5); evaluated on masked (--mask_ratio, fixed "
+                         "masks) and unmasked val views")
     lg.add_argument("--feature_pool", default=None, choices=FEATURE_POOLS,
                     help="the headline feature of the online probes and the k-NN monitor (unsuffixed keys; every "
                          "feature is logged with its name): mean of the final-normed patch tokens, or the class "
